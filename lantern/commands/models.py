@@ -1,0 +1,48 @@
+"""lantern models: list the registered model versions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+HELP = "List registered Lantern model versions with their accuracy."
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", nargs="?", choices=["list"], default="list")
+    p.add_argument("--name", default="lantern-classifier", help="model name in the store")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def run(args: argparse.Namespace) -> int:
+    from models.bundle import list_bundles
+
+    bundles = list_bundles(args.name)
+    if args.json:
+        rows = [
+            {
+                "tag": b.tag,
+                "architecture": b.architecture,
+                "classes": len(b.class_names),
+                "accuracy": b.accuracy,
+                "created_at": b.meta.get("created_at"),
+                "training": b.meta.get("training", {}),
+            }
+            for b in bundles
+        ]
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not bundles:
+        print(f"no {args.name} models registered; run `lantern train` then `lantern export`")
+        return 0
+    header = f"{'TAG':<42} {'ARCH':<9} {'CLASSES':>7} {'ACCURACY':>8} {'MODE':<6} {'DATA':<10} CREATED"
+    print(header)
+    for b in bundles:
+        acc = "n/a" if b.accuracy is None else f"{100 * b.accuracy:.1f}%"
+        training = b.meta.get("training", {})
+        print(
+            f"{b.tag:<42} {b.architecture:<9} {len(b.class_names):>7} {acc:>8} "
+            f"{training.get('mode', '?'):<6} {training.get('dataset', '?'):<10} "
+            f"{str(b.meta.get('created_at', ''))[:19]}"
+        )
+    return 0

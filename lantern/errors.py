@@ -1,0 +1,61 @@
+"""Every error Lantern raises on purpose, in one place.
+
+    LanternError                  a problem a person can fix; str() says what and how
+    ├── UsageError                bad command-line arguments or settings
+    ├── DataError                 a dataset that is missing, empty or malformed
+    ├── ModelError                a model that cannot be built, loaded or found
+    │   └── ExportParityError     ONNX and PyTorch disagree beyond tolerance
+    ├── InputError                a request the service must refuse (carries an HTTP status)
+    │   ├── PayloadTooLarge       413: upload over the size or pixel limit
+    │   └── UnsupportedMediaType  415: not an image type Lantern can read
+    ├── JobError                  an explanation job that cannot be run
+    └── QueueUnavailable          Redis cannot be reached
+
+Only the service turns these into HTTP responses, and only the CLI turns them into exit codes.
+"""
+
+from __future__ import annotations
+
+
+class LanternError(Exception):
+    """A failure with a message meant for a person: what went wrong and what to do."""
+
+
+class UsageError(LanternError):
+    pass
+
+
+class DataError(LanternError):
+    pass
+
+
+class ModelError(LanternError):
+    pass
+
+
+class ExportParityError(ModelError):
+    pass
+
+
+class InputError(LanternError):
+    status_code = 400
+
+
+class UnprocessableInput(InputError):
+    status_code = 422
+
+
+class PayloadTooLarge(InputError):
+    status_code = 413
+
+
+class UnsupportedMediaType(InputError):
+    status_code = 415
+
+
+class JobError(LanternError):
+    pass
+
+
+class QueueUnavailable(LanternError):
+    pass

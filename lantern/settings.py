@@ -1,0 +1,68 @@
+"""Configuration: one settings object read from the environment.
+
+Every setting is an environment variable `LANTERN_<NAME>` (except `REDIS_URL`), with its
+default and meaning beside it. The README's settings table is generated from this class
+(`lantern settings`), so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LANTERN_", extra="ignore")
+
+    model: str = Field(
+        "lantern-classifier:latest",
+        description="BentoML model tag the service and workers load.",
+    )
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        validation_alias=AliasChoices("REDIS_URL", "LANTERN_REDIS_URL"),
+        description="Redis for the explanation queue (env REDIS_URL). `make up` starts its "
+        "own Redis when this is unset.",
+    )
+    artifact_dir: Path = Field(
+        Path("var/artifacts"),
+        description="Directory where explanation artifacts are stored (a shared volume in "
+        "compose).",
+    )
+    queue: str = Field("lantern-explain", description="RQ queue name for explanation jobs.")
+    device: str = Field("auto", description="Worker device: auto, cpu or cuda.")
+    max_upload_bytes: int = Field(10 * 1024 * 1024, description="Largest accepted upload.")
+    max_pixels: int = Field(40_000_000, description="Largest accepted image, in pixels.")
+    max_images_per_job: int = Field(64, description="Most images one /explain job may carry.")
+    job_ttl_seconds: int = Field(
+        24 * 3600, description="How long jobs and their artifacts are kept."
+    )
+    job_timeout_seconds: int = Field(600, description="Longest a single job may run.")
+    job_retries: int = Field(2, description="Retries of a job whose worker died or failed.")
+    explain_chunk_size: int = Field(
+        16, description="Images per forward/backward pass in a worker (halved on CUDA OOM)."
+    )
+    inline_image_bytes: int = Field(
+        256 * 1024,
+        description="Images up to this size travel inside the job payload; larger ones "
+        "are written to the artifact store and passed by reference.",
+    )
+    max_batch_size: int = Field(32, description="Adaptive batching: largest batch.")
+    max_latency_ms: int = Field(
+        2000, description="Adaptive batching: longest a request may wait for its batch."
+    )
+    ort_threads: int = Field(
+        0, description="ONNX Runtime intra-op threads (0: one per physical core)."
+    )
+    ort_provider: str = Field(
+        "auto", description="ONNX Runtime execution provider: auto, cpu or cuda."
+    )
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    return Settings()

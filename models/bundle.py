@@ -1,0 +1,142 @@
+"""The model bundle: one BentoML model holding everything a model version is.
+
+    <model store>/lantern-classifier/<version>/
+        model.onnx         fp32 ONNX graph, dynamic batch axis ("input" -> "logits")
+        model.fp16.onnx    optional fp16 variant for GPUs
+        weights.pt         torch state_dict, for the explanation workers
+        meta.json          architecture, class names, preprocessing, training, metrics, parity
+
+Torch-free: the service reads bundles through this module too.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from lantern.errors import ModelError
+from models.preprocess import PreprocessSpec
+
+MODEL_NAME = "lantern-classifier"
+ONNX_FILE = "model.onnx"
+ONNX_FP16_FILE = "model.fp16.onnx"
+WEIGHTS_FILE = "weights.pt"
+META_FILE = "meta.json"
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A registered model version, resolved to a directory on disk."""
+
+    tag: str  # "lantern-classifier:<version>", never "latest"
+    path: Path
+    meta: dict[str, Any]
+
+    @property
+    def version(self) -> str:
+        return self.tag.split(":", 1)[1]
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.meta["class_names"])
+
+    @property
+    def architecture(self) -> str:
+        return str(self.meta["architecture"])
+
+    @property
+    def preprocess(self) -> PreprocessSpec:
+        return PreprocessSpec.from_dict(self.meta["preprocessing"])
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.path / ONNX_FILE
+
+    @property
+    def onnx_fp16_path(self) -> Path | None:
+        p = self.path / ONNX_FP16_FILE
+        return p if p.exists() else None
+
+    @property
+    def weights_path(self) -> Path:
+        return self.path / WEIGHTS_FILE
+
+    @property
+    def accuracy(self) -> float | None:
+        acc = self.meta.get("metrics", {}).get("accuracy")
+        return None if acc is None else float(acc)
+
+
+def save_bundle(
+    onnx_path: Path,
+    weights_path: Path,
+    meta: dict[str, Any],
+    *,
+    onnx_fp16_path: Path | None = None,
+    name: str = MODEL_NAME,
+) -> Bundle:
+    """Copy the files into a new version of `name` in the BentoML model store."""
+    import bentoml
+
+    for key in ("architecture", "class_names", "preprocessing"):
+        if key not in meta:
+            raise ModelError(f"bundle metadata is missing {key!r}")
+    meta = {**meta, "created_at": meta.get("created_at") or datetime.now(UTC).isoformat()}
+    labels = {"architecture": str(meta["architecture"]), "project": "lantern"}
+    summary = {
+        "architecture": meta["architecture"],
+        "num_classes": len(meta["class_names"]),
+        "accuracy": meta.get("metrics", {}).get("accuracy"),
+    }
+    with bentoml.models.create(name, labels=labels, metadata=summary) as model:
+        target = Path(model.path)
+        shutil.copyfile(onnx_path, target / ONNX_FILE)
+        shutil.copyfile(weights_path, target / WEIGHTS_FILE)
+        if onnx_fp16_path is not None:
+            shutil.copyfile(onnx_fp16_path, target / ONNX_FP16_FILE)
+        (target / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        tag = str(model.tag)
+    return load_bundle(tag)
+
+
+def load_bundle(tag: str = f"{MODEL_NAME}:latest") -> Bundle:
+    """Resolve a tag ("name", "name:latest" or "name:version") to a bundle on disk."""
+    import bentoml
+    from bentoml.exceptions import NotFound
+
+    try:
+        model = bentoml.models.get(tag)
+    except NotFound:
+        raise ModelError(
+            f"no model {tag!r} in the BentoML model store ({_store_dir()}). "
+            "Train and register one with `lantern train` then `lantern export`, "
+            "or run `make up`, which makes a demo model."
+        ) from None
+    path = Path(model.path)
+    meta_file = path / META_FILE
+    if not meta_file.exists():
+        raise ModelError(f"model {model.tag} is not a Lantern bundle (no {META_FILE})")
+    return Bundle(tag=str(model.tag), path=path, meta=json.loads(meta_file.read_text()))
+
+
+def list_bundles(name: str = MODEL_NAME) -> list[Bundle]:
+    """Every version of `name`, newest first."""
+    import bentoml
+    from bentoml.exceptions import NotFound
+
+    try:
+        models = bentoml.models.list(name)
+    except NotFound:
+        return []
+    models = sorted(models, key=lambda m: m.info.creation_time, reverse=True)
+    return [load_bundle(str(m.tag)) for m in models]
+
+
+def _store_dir() -> str:
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    return str(BentoMLContainer.bentoml_home.get()) + "/models"

@@ -1,0 +1,159 @@
+"""ONNX export with a parity check against PyTorch, and registration as a bundle."""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lantern.errors import ExportParityError, ModelError
+from models.bundle import Bundle, save_bundle
+from models.network import build_model
+from models.preprocess import PreprocessSpec
+
+log = logging.getLogger(__name__)
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+PARITY_TOLERANCE = 1e-4
+PARITY_BATCH = 4
+
+
+def export_onnx(model: nn.Module, spec: PreprocessSpec, path: Path) -> Path:
+    """Write `model` as ONNX with a dynamic batch axis ("input" -> "logits")."""
+    model = model.eval().cpu()
+    example = torch.randn(2, 3, spec.crop_size, spec.crop_size)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    torch.onnx.export(
+        model,
+        (example,),
+        str(path),
+        input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME],
+        dynamic_shapes={"x": {0: batch}},
+        dynamo=True,
+        external_data=False,
+        verbose=False,
+    )
+    return path
+
+
+def parity_max_abs_diff(
+    model: nn.Module, onnx_path: Path, spec: PreprocessSpec, *, seed: int = 0
+) -> float:
+    """Largest |logit difference| between PyTorch and ONNX Runtime (CPU) on a random batch."""
+    import onnxruntime as ort
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(PARITY_BATCH, 3, spec.crop_size, spec.crop_size, generator=g)
+    with torch.inference_mode():
+        expected = model.eval().cpu()(x).numpy()
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    got = session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy().astype(np.float32)})[0]
+    return float(np.abs(got.astype(np.float32) - expected).max())
+
+
+def convert_fp16(onnx_path: Path, out_path: Path) -> Path:
+    """An fp16 copy of the graph for GPUs; inputs and outputs stay float32."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model16 = convert_float_to_float16(onnx.load(str(onnx_path)), keep_io_types=True)
+    onnx.save(model16, str(out_path))
+    return out_path
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise ModelError(f"checkpoint {path} does not exist; train one with `lantern train`")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ModelError(f"{path} is not a Lantern checkpoint: {e}") from None
+    missing = {"model", "architecture", "class_names", "preprocessing"} - set(ckpt)
+    if missing:
+        raise ModelError(f"{path} is not a Lantern checkpoint (missing {sorted(missing)})")
+    return ckpt  # type: ignore[no-any-return]
+
+
+def export_checkpoint(
+    checkpoint: Path,
+    *,
+    fp16: bool = False,
+    tolerance: float = PARITY_TOLERANCE,
+    name: str = "lantern-classifier",
+) -> Bundle:
+    """Checkpoint -> ONNX (+ parity check) -> a new bundle version in the model store."""
+    ckpt = load_checkpoint(checkpoint)
+    spec = PreprocessSpec.from_dict(ckpt["preprocessing"])
+    model = build_model(
+        ckpt["architecture"], len(ckpt["class_names"]), weights="none", train_mode="all"
+    )
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+
+    with tempfile.TemporaryDirectory(prefix="lantern-export-") as tmp:
+        tmpdir = Path(tmp)
+        onnx_path = export_onnx(model, spec, tmpdir / "model.onnx")
+        diff = parity_max_abs_diff(model, onnx_path, spec)
+        log.info("export parity: max |Δlogit| = %.3g (tolerance %.0e)", diff, tolerance)
+        if not diff <= tolerance:
+            raise ExportParityError(
+                f"ONNX and PyTorch disagree: max |Δlogit| = {diff:.3g} > {tolerance:.0e}. "
+                "The export is not registered."
+            )
+        export_info: dict[str, Any] = {
+            "format": "onnx",
+            "opset": _opset(onnx_path),
+            "torch": torch.__version__,
+            "parity_max_abs_diff": diff,
+            "parity_tolerance": tolerance,
+            "fp16": False,
+        }
+        fp16_path = None
+        if fp16:
+            fp16_path = convert_fp16(onnx_path, tmpdir / "model.fp16.onnx")
+            export_info["fp16"] = True
+            export_info["fp16_parity_max_abs_diff"] = _fp16_diff(model, fp16_path, spec)
+
+        weights_path = tmpdir / "weights.pt"
+        torch.save(ckpt["model"], weights_path)
+        meta = {
+            "architecture": ckpt["architecture"],
+            "class_names": list(ckpt["class_names"]),
+            "preprocessing": spec.to_dict(),
+            "training": ckpt.get("training", {}),
+            "metrics": ckpt.get("metrics", {}),
+            "export": export_info,
+            "source_checkpoint": str(checkpoint.resolve()),
+        }
+        return save_bundle(onnx_path, weights_path, meta, onnx_fp16_path=fp16_path, name=name)
+
+
+def _opset(onnx_path: Path) -> int:
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    return int(next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")))
+
+
+def _fp16_diff(model: nn.Module, fp16_path: Path, spec: PreprocessSpec) -> float | None:
+    """fp16 parity, recorded for information; fp16 graphs may only run on some providers."""
+    try:
+        return parity_max_abs_diff(model, fp16_path, spec)
+    except Exception as e:  # CPU kernels for some fp16 ops may be missing
+        log.warning("fp16 parity could not be measured on CPU: %s", e)
+        return None
+
+
+def describe(bundle: Bundle) -> str:
+    return json.dumps(
+        {"tag": bundle.tag, "accuracy": bundle.accuracy, "export": bundle.meta.get("export")},
+        indent=2,
+    )

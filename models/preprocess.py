@@ -1,0 +1,119 @@
+"""The one preprocessing definition, applied with PIL and numpy (no torch).
+
+Training and evaluation use `PreprocessSpec.eval_transform()` (torchvision); the service and
+the workers use `PreprocessSpec.apply()`. `tests/test_preprocess.py` proves they agree.
+
+The steps are torchvision's classification evaluation preset: resize the shorter side to
+`resize_size` (bilinear, as PIL does it), centre-crop `crop_size`, scale to [0, 1],
+normalise with `mean`/`std`, lay out as CHW float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    crop_size: int = 224
+    resize_size: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = field(default="bilinear")
+
+    def __post_init__(self) -> None:
+        if self.crop_size < 1 or self.resize_size < self.crop_size:
+            raise ValueError(
+                f"resize_size ({self.resize_size}) must be >= crop_size ({self.crop_size}) >= 1"
+            )
+        if self.interpolation != "bilinear":
+            raise ValueError("only bilinear interpolation is supported")
+
+    # --- serialisation, stored in the model bundle's metadata -------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PreprocessSpec:
+        return cls(
+            crop_size=int(d["crop_size"]),
+            resize_size=int(d["resize_size"]),
+            mean=tuple(float(x) for x in d["mean"]),  # type: ignore[arg-type]
+            std=tuple(float(x) for x in d["std"]),  # type: ignore[arg-type]
+            interpolation=str(d.get("interpolation", "bilinear")),
+        )
+
+    # --- geometry ----------------------------------------------------------------------
+    def resized_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) after the shorter side is resized, as torchvision computes it."""
+        short, long = (width, height) if width <= height else (height, width)
+        new_short, new_long = self.resize_size, int(self.resize_size * long / short)
+        return (new_short, new_long) if width <= height else (new_long, new_short)
+
+    def crop_box(self, width: int, height: int) -> tuple[float, float, float, float]:
+        """The region of the *original* image the model sees: (left, top, right, bottom).
+
+        Used to lay a heatmap computed on the crop back over the original picture.
+        """
+        rw, rh = self.resized_size(width, height)
+        left, top = _crop_offsets(rw, rh, self.crop_size)
+        sx, sy = width / rw, height / rh
+        return (left * sx, top * sy, (left + self.crop_size) * sx, (top + self.crop_size) * sy)
+
+    # --- the transform itself ---------------------------------------------------------
+    def apply(self, image: Image.Image) -> np.ndarray:
+        """An RGB PIL image -> float32 array of shape (3, crop_size, crop_size)."""
+        if image.mode != "RGB":
+            raise ValueError(f"expected an RGB image, got mode {image.mode}")
+        w, h = image.size
+        resized = image.resize(self.resized_size(w, h), Image.Resampling.BILINEAR)
+        left, top = _crop_offsets(resized.width, resized.height, self.crop_size)
+        cropped = resized.crop((left, top, left + self.crop_size, top + self.crop_size))
+        x = np.asarray(cropped, dtype=np.float32) / 255.0
+        x = (x - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, dtype=np.float32)
+        return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+    def apply_batch(self, images: list[Image.Image]) -> np.ndarray:
+        return np.stack([self.apply(im) for im in images]) if images else np.zeros(
+            (0, 3, self.crop_size, self.crop_size), dtype=np.float32
+        )
+
+    def eval_transform(self) -> Any:
+        """The same steps as a torchvision transform (imports torchvision)."""
+        from torchvision import transforms as T
+
+        return T.Compose(
+            [
+                T.Resize(self.resize_size, interpolation=T.InterpolationMode.BILINEAR),
+                T.CenterCrop(self.crop_size),
+                T.ToTensor(),
+                T.Normalize(self.mean, self.std),
+            ]
+        )
+
+    def train_transform(self) -> Any:
+        """Light augmentation for fine-tuning: random resized crop and horizontal flip."""
+        from torchvision import transforms as T
+
+        return T.Compose(
+            [
+                T.RandomResizedCrop(self.crop_size, scale=(0.6, 1.0)),
+                T.RandomHorizontalFlip(),
+                T.ToTensor(),
+                T.Normalize(self.mean, self.std),
+            ]
+        )
+
+
+def _crop_offsets(width: int, height: int, crop: int) -> tuple[int, int]:
+    """Top-left corner of a centred crop, rounded as torchvision's CenterCrop rounds it."""
+    return int(round((width - crop) / 2.0)), int(round((height - crop) / 2.0))
