@@ -11,7 +11,7 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from PIL import Image, ImageDraw
 
@@ -19,9 +19,17 @@ from lantern.errors import DataError
 
 SHAPES = ("circle", "square", "triangle", "cross")
 CIFAR10_CLASSES = (
-    "airplane", "automobile", "bird", "cat", "deer",
-    "dog", "frog", "horse", "ship", "truck",
-)  # fmt: skip
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
 
 
 @dataclass(frozen=True)
@@ -36,13 +44,13 @@ def draw_shape(index: int, size: int = 64, seed: int = 0, label: int | None = No
     rng = random.Random(f"{seed}:{index}:{size}")
     label = index % len(SHAPES) if label is None else label
     bg = tuple(rng.randint(0, 90) for _ in range(3))
-    img = Image.new("RGB", (size, size), bg)  # type: ignore[arg-type]
+    img = Image.new("RGB", (size, size), bg)
     draw = ImageDraw.Draw(img)
     # background clutter: faint specks, so the model must find the shape, not the colour
     for _ in range(size // 4):
         x, y = rng.randrange(size), rng.randrange(size)
         c = tuple(min(255, v + rng.randint(0, 40)) for v in bg)
-        draw.point((x, y), fill=c)  # type: ignore[arg-type]
+        draw.point((x, y), fill=c)
     side = rng.randint(size // 4, size // 2)
     left, top = rng.randint(0, size - side), rng.randint(0, size - side)
     box = (left, top, left + side, top + side)
@@ -74,7 +82,7 @@ def _draw(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int],
 class ShapesDataset:
     """A map-style dataset of `length` generated images (PIL, label)."""
 
-    classes = list(SHAPES)
+    classes: ClassVar[list[str]] = list(SHAPES)
 
     def __init__(self, length: int, size: int = 64, seed: int = 0, transform: Any = None):
         self.length, self.size, self.seed, self.transform = length, size, seed, transform

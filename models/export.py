@@ -79,7 +79,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     missing = {"model", "architecture", "class_names", "preprocessing"} - set(ckpt)
     if missing:
         raise ModelError(f"{path} is not a Lantern checkpoint (missing {sorted(missing)})")
-    return ckpt  # type: ignore[no-any-return]
+    return ckpt
 
 
 def export_checkpoint(

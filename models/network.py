@@ -52,7 +52,9 @@ def build_model(
 
     if weights == "imagenet":
         model = _with_imagenet_weights(builder, imagenet)
-        model.fc = nn.Linear(model.fc.in_features, num_classes)
+        old_head = model.fc
+        assert isinstance(old_head, nn.Linear)
+        model.fc = nn.Linear(old_head.in_features, num_classes)
     elif weights == "none":
         model = builder(weights=None, num_classes=num_classes)
     else:
@@ -62,7 +64,7 @@ def build_model(
     return model
 
 
-def _with_imagenet_weights(builder, imagenet) -> nn.Module:  # type: ignore[no-untyped-def]
+def _with_imagenet_weights(builder, imagenet) -> nn.Module:
     try:
         return builder(weights=imagenet)
     except (OSError, RuntimeError) as e:

@@ -78,13 +78,15 @@ class PreprocessSpec:
         resized = image.resize(self.resized_size(w, h), Image.Resampling.BILINEAR)
         left, top = _crop_offsets(resized.width, resized.height, self.crop_size)
         cropped = resized.crop((left, top, left + self.crop_size, top + self.crop_size))
-        x = np.asarray(cropped, dtype=np.float32) / 255.0
+        x: np.ndarray = np.asarray(cropped, dtype=np.float32) / 255.0
         x = (x - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, dtype=np.float32)
         return np.ascontiguousarray(x.transpose(2, 0, 1))
 
     def apply_batch(self, images: list[Image.Image]) -> np.ndarray:
-        return np.stack([self.apply(im) for im in images]) if images else np.zeros(
-            (0, 3, self.crop_size, self.crop_size), dtype=np.float32
+        return (
+            np.stack([self.apply(im) for im in images])
+            if images
+            else np.zeros((0, 3, self.crop_size, self.crop_size), dtype=np.float32)
         )
 
     def eval_transform(self) -> Any:
@@ -116,4 +118,4 @@ class PreprocessSpec:
 
 def _crop_offsets(width: int, height: int, crop: int) -> tuple[int, int]:
     """Top-left corner of a centred crop, rounded as torchvision's CenterCrop rounds it."""
-    return int(round((width - crop) / 2.0)), int(round((height - crop) / 2.0))
+    return round((width - crop) / 2.0), round((height - crop) / 2.0)

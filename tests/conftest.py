@@ -64,9 +64,19 @@ def start_redis(tmp: Path) -> RedisServer:
     proc = subprocess.Popen(
         [
             redis_server_binary(),
-            "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp),
-            "--save", "", "--appendonly", "no", "--protected-mode", "yes",
-        ],  # fmt: skip
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(tmp),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "yes",
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -35,7 +35,9 @@ def run(args: argparse.Namespace) -> int:
     if not bundles:
         print(f"no {args.name} models registered; run `lantern train` then `lantern export`")
         return 0
-    header = f"{'TAG':<42} {'ARCH':<9} {'CLASSES':>7} {'ACCURACY':>8} {'MODE':<6} {'DATA':<10} CREATED"
+    header = (
+        f"{'TAG':<42} {'ARCH':<9} {'CLASSES':>7} {'ACCURACY':>8} {'MODE':<6} {'DATA':<10} CREATED"
+    )
     print(header)
     for b in bundles:
         acc = "n/a" if b.accuracy is None else f"{100 * b.accuracy:.1f}%"

@@ -1,0 +1,57 @@
+# Lantern's front door. `make up` runs the whole system; `make test` runs the whole suite.
+# Both create .venv with Python 3.11 and install everything the project needs.
+
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+PYTEST_ARGS ?=
+
+export BENTOML_DO_NOT_TRACK := true
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: help install up test bench lint typecheck check clean
+
+help:
+	@echo "make up      start Redis, an explanation worker and the API on http://127.0.0.1:3000"
+	@echo "make test    install everything into $(VENV) and run the whole test suite"
+	@echo "make bench   prediction and explanation benchmarks (writes nothing outside /tmp)"
+	@echo "make lint    ruff;  make typecheck  mypy;  make check  both"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch and torchvision come from the package index as a matching pair (pyproject.toml pins
+# both ranges); the CUDA build runs on CPU too.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --upgrade "pip>=24"
+	$(BIN)/python -m pip install -e ".[dev]"
+	@touch $@
+
+$(VENV)/.installed-bench: $(VENV)/.installed
+	$(BIN)/python -m pip install -e ".[dev,bench]"
+	@touch $@
+
+install: $(VENV)/.installed
+
+up: install
+	$(BIN)/lantern up
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(VENV)/.installed-bench
+	$(BIN)/python -m bench.predict
+	$(BIN)/python -m bench.explain
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: install
+	$(BIN)/mypy
+
+check: lint typecheck
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

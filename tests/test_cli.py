@@ -1,0 +1,116 @@
+"""The `lantern` command line: help for every command, one-line errors for bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lantern.cli import COMMANDS, build_parser
+from models.network import build_model
+
+
+def _lantern(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+    return subprocess.run(
+        [sys.executable, "-m", "lantern.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def _registered_commands() -> list[str]:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    return list(sub.choices)  # type: ignore[arg-type]
+
+
+def test_every_listed_command_is_registered() -> None:
+    assert _registered_commands() == [c for c in COMMANDS if c in _registered_commands()]
+    assert {"train", "export", "models"} <= set(_registered_commands())
+
+
+def test_top_level_help_lists_the_commands() -> None:
+    result = _lantern("--help")
+    assert result.returncode == 0
+    for name in _registered_commands():
+        assert name in result.stdout
+
+
+@pytest.mark.parametrize("command", _registered_commands())
+def test_every_command_has_help(command: str) -> None:
+    result = _lantern(command, "--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"usage: lantern {command}")
+    assert "--help" in result.stdout
+
+
+def _assert_one_line_error(result: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, result.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+
+
+_TRAIN = ["train", "--arch", "resnet18", "--image-size", "32", "--epochs", "1", "--workers", "0"]
+
+
+def test_a_missing_dataset_path_is_a_one_line_error(tmp_path: Path) -> None:
+    result = _lantern(
+        *_TRAIN, "--weights", "none", "--dataset", "folder", "--data-dir", str(tmp_path / "missing")
+    )
+    _assert_one_line_error(result, "does not exist")
+
+
+def test_an_image_folder_with_one_class_is_a_one_line_error(tmp_path: Path) -> None:
+    from PIL import Image
+
+    (tmp_path / "cats").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "cats" / "a.png")
+    result = _lantern(
+        *_TRAIN, "--weights", "none", "--dataset", "folder", "--data-dir", str(tmp_path)
+    )
+    _assert_one_line_error(result, "at least two classes")
+
+
+def test_weights_that_do_not_match_are_a_one_line_error(tmp_path: Path) -> None:
+    torch.save(build_model("resnet34", 4, weights="none").state_dict(), tmp_path / "w.pt")
+    result = _lantern(
+        *_TRAIN, "--weights", str(tmp_path / "w.pt"), "--train-size", "8", "--val-size", "8"
+    )
+    _assert_one_line_error(result, "do not fit resnet18", "--arch")
+
+
+def test_imagenet_weights_without_network_access_is_a_one_line_error(tmp_path: Path) -> None:
+    # Every download goes through a proxy that refuses connections: no network, for sure.
+    offline = {
+        "https_proxy": "http://127.0.0.1:9",
+        "HTTPS_PROXY": "http://127.0.0.1:9",
+        "http_proxy": "http://127.0.0.1:9",
+        "HTTP_PROXY": "http://127.0.0.1:9",
+        "TORCH_HOME": str(tmp_path / "torch-home"),
+    }
+    result = _lantern(
+        *_TRAIN, "--weights", "imagenet", "--train-size", "8", "--val-size", "8", env=offline
+    )
+    _assert_one_line_error(result, "could not download the ImageNet weights", "--weights none")
+
+
+def test_cifar10_that_is_not_there_says_to_download_it(tmp_path: Path) -> None:
+    result = _lantern(
+        *_TRAIN, "--weights", "none", "--dataset", "cifar10", "--data-dir", str(tmp_path)
+    )
+    _assert_one_line_error(result, "--download")
+
+
+def test_export_of_a_missing_checkpoint_is_a_one_line_error(tmp_path: Path) -> None:
+    result = _lantern("export", str(tmp_path / "none.pt"))
+    _assert_one_line_error(result, "does not exist", "lantern train")

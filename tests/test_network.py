@@ -1,0 +1,90 @@
+"""Building ResNets with a new head, and the transfer-learning freezing strategies."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from lantern.errors import ModelError, UsageError
+from models.network import (
+    build_model,
+    freeze_batchnorm_statistics,
+    load_weights,
+    trainable_parameter_names,
+)
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected_prefixes"),
+    [("head", {"fc"}), ("layer4", {"layer4", "fc"}), ("all", None)],
+)
+def test_freezing_modes_leave_exactly_the_expected_parameters_trainable(
+    mode: str, expected_prefixes: set[str] | None
+) -> None:
+    model = build_model("resnet18", 5, weights="none", train_mode=mode)
+    all_names = [n for n, _ in model.named_parameters()]
+    trainable = trainable_parameter_names(model)
+    if expected_prefixes is None:
+        assert trainable == all_names
+    else:
+        expected = [n for n in all_names if n.split(".")[0] in expected_prefixes]
+        assert trainable == expected
+        # and nothing outside those stages learns
+        frozen = set(all_names) - set(trainable)
+        assert frozen and all(n.split(".")[0] not in expected_prefixes for n in frozen)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet34", "resnet50"])
+def test_new_head_has_one_output_per_class(arch: str) -> None:
+    model = build_model(arch, 7, weights="none", train_mode="head")
+    assert isinstance(model.fc, nn.Linear) and model.fc.out_features == 7
+    with torch.inference_mode():
+        assert model.eval()(torch.zeros(1, 3, 64, 64)).shape == (1, 7)
+
+
+def test_frozen_batchnorm_keeps_its_running_statistics() -> None:
+    model = build_model("resnet18", 3, weights="none", train_mode="layer4")
+    model.train()
+    freeze_batchnorm_statistics(model)
+    assert not model.bn1.training and not model.layer3[0].bn1.training
+    assert model.layer4[0].bn1.training
+    before = model.bn1.running_mean.clone()
+    model(torch.randn(4, 3, 64, 64) * 5 + 3)
+    assert torch.equal(model.bn1.running_mean, before)
+
+
+def test_a_checkpoint_loads_back_into_the_same_architecture(tmp_path: Path) -> None:
+    source = build_model("resnet18", 4, weights="none")
+    torch.save({"model": source.state_dict()}, tmp_path / "ckpt.pt")
+    model = build_model("resnet18", 4, weights=str(tmp_path / "ckpt.pt"))
+    assert torch.equal(model.fc.weight, source.fc.weight)
+
+
+@pytest.mark.parametrize(("arch", "classes"), [("resnet34", 4), ("resnet18", 10)])
+def test_weights_that_do_not_match_the_architecture_are_refused(
+    tmp_path: Path, arch: str, classes: int
+) -> None:
+    torch.save(build_model("resnet18", 4, weights="none").state_dict(), tmp_path / "w.pt")
+    with pytest.raises(ModelError, match=r"do not fit .*--arch"):
+        build_model(arch, classes, weights=str(tmp_path / "w.pt"))
+
+
+def test_missing_or_garbage_weights_files_are_refused(tmp_path: Path) -> None:
+    model = build_model("resnet18", 4, weights="none")
+    with pytest.raises(ModelError, match="does not exist"):
+        load_weights(model, tmp_path / "nope.pt", "resnet18")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelError, match="not a PyTorch weights file"):
+        load_weights(model, tmp_path / "junk.pt", "resnet18")
+
+
+def test_unknown_architecture_mode_and_class_count_are_usage_errors() -> None:
+    with pytest.raises(UsageError, match="architecture"):
+        build_model("vgg16", 4, weights="none")
+    with pytest.raises(UsageError, match="training mode"):
+        build_model("resnet18", 4, weights="none", train_mode="everything")
+    with pytest.raises(UsageError, match="at least 2 classes"):
+        build_model("resnet18", 1, weights="none")
