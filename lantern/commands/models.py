@@ -5,16 +5,25 @@ from __future__ import annotations
 import argparse
 import json
 
-HELP = "List registered Lantern model versions with their accuracy."
+HELP = "List registered Lantern model versions with their accuracy; `ensure` makes a first one."
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("action", nargs="?", choices=["list"], default="list")
+    p.add_argument(
+        "action",
+        nargs="?",
+        choices=["list", "ensure"],
+        default="list",
+        help="list: show versions; ensure: make a first model if the store has none "
+        "(CIFAR-10 fine-tune when it can be downloaded, else a demo on generated shapes)",
+    )
     p.add_argument("--name", default="lantern-classifier", help="model name in the store")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.action == "ensure":
+        return _ensure(args.name)
     from models.bundle import list_bundles
 
     bundles = list_bundles(args.name)
@@ -47,4 +56,24 @@ def run(args: argparse.Namespace) -> int:
             f"{training.get('mode', '?'):<6} {training.get('dataset', '?'):<10} "
             f"{str(b.meta.get('created_at', ''))[:19]}"
         )
+    return 0
+
+
+def _ensure(name: str) -> int:
+    from lantern.errors import ModelError
+    from lantern.settings import get_settings
+    from models.bundle import load_bundle
+
+    tag = get_settings().model
+    try:
+        bundle = load_bundle(tag)
+        print(f"model {bundle.tag} is ready")
+        return 0
+    except ModelError:
+        if tag.split(":")[0] != name:
+            raise
+    from models.first_model import make_first_model
+
+    bundle = make_first_model()
+    print(f"registered {bundle.tag}")
     return 0
