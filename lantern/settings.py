@@ -36,6 +36,12 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="Worker device: auto, cpu or cuda.")
     max_upload_bytes: int = Field(10 * 1024 * 1024, description="Largest accepted upload.")
     max_pixels: int = Field(40_000_000, description="Largest accepted image, in pixels.")
+    max_batch_images: int = Field(
+        64, description="Most images one /predict_batch request may carry."
+    )
+    max_batch_bytes: int = Field(
+        64 * 1024 * 1024, description="Largest accepted /predict_batch request body, in bytes."
+    )
     max_images_per_job: int = Field(64, description="Most images one /explain job may carry.")
     job_ttl_seconds: int = Field(
         24 * 3600, description="How long jobs and their artifacts are kept."
@@ -44,6 +50,16 @@ class Settings(BaseSettings):
     job_retries: int = Field(2, description="Retries of a job whose worker died or failed.")
     explain_chunk_size: int = Field(
         16, description="Images per forward/backward pass in a worker (halved on CUDA OOM)."
+    )
+    worker_heartbeat_seconds: int = Field(
+        10,
+        description="How often a busy explanation worker proves it is alive; a job whose "
+        "worker misses three heartbeats in a row counts as abandoned (retried or failed).",
+    )
+    worker_maintenance_seconds: int = Field(
+        30,
+        description="How often a worker looks for jobs abandoned by dead workers and deletes "
+        "artifacts older than job_ttl_seconds.",
     )
     inline_image_bytes: int = Field(
         256 * 1024,

@@ -1,0 +1,51 @@
+"""lantern worker: run one explanation worker (RQ, PyTorch) that keeps its model loaded."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "Run an explanation worker: take jobs from Redis, compute maps, store artifacts."
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--redis-url", help="Redis to take jobs from; None: the REDIS_URL setting")
+    p.add_argument("--queue", help="queue name; None: LANTERN_QUEUE")
+    p.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        help="where to compute; None: LANTERN_DEVICE",
+    )
+    p.add_argument("--model", help="model tag to load at start; None: LANTERN_MODEL")
+    p.add_argument("--name", help="worker name; None: random")
+    p.add_argument("--burst", action="store_true", help="quit when the queue is empty")
+
+
+def run(args: argparse.Namespace) -> int:
+    import redis
+
+    from lantern.errors import QueueUnavailable
+    from lantern.settings import get_settings
+    from workers.worker import ExplainWorker
+
+    overrides = {
+        key: value
+        for key, value in (
+            ("redis_url", args.redis_url),
+            ("queue", args.queue),
+            ("device", args.device),
+            ("model", args.model),
+        )
+        if value
+    }
+    settings = get_settings().model_copy(update=overrides)
+    connection = redis.Redis.from_url(settings.redis_url)
+    try:
+        connection.ping()
+    except redis.RedisError as e:
+        raise QueueUnavailable(
+            f"cannot reach Redis at {settings.redis_url} ({e}); start it, or set REDIS_URL"
+        ) from None
+    worker = ExplainWorker(connection, settings, device=settings.device, name=args.name)
+    worker.warm_up()
+    worker.work(burst=args.burst, logging_level="DEBUG" if args.verbose else "INFO")
+    return 0

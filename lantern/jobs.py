@@ -1,0 +1,446 @@
+"""The contract between the API service and the explanation workers. Torch-free.
+
+    queue          settings.queue ("lantern-explain"), RQ's JSONSerializer: never pickle, so
+                   whoever can write to Redis cannot make a worker run code
+    job function   JOB_FUNCTION, "workers.tasks.explain", referenced by name: the service
+                   never imports workers (nor torch)
+    payload        ExplainRequest, one JSON object, the job's only argument
+    job id         make_job_id(): "ex-" + 32 hex digits of a SHA-256 over the image bytes,
+                   the model version, the methods, the targets and the layers; an identical
+                   request names the same job, so find_or_enqueue() reuses a finished one
+    progress       job.meta["progress"] = {"done": images done, "total": images}
+    results        the artifact store (lantern.store) under the job id; manifest.json last
+    status         job_status() -> JobStatus + progress + a readable error + the manifest
+
+The Redis connection is always passed in.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import json
+import re
+from collections.abc import Sequence
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from lantern.errors import JobError
+from lantern.settings import Settings, get_settings
+from lantern.store import (
+    INPUTS_DIR,
+    ArtifactStore,
+    check_job_id,
+    is_valid_job_id,
+    read_manifest,
+)
+
+if TYPE_CHECKING:
+    from redis import Redis
+    from rq import Queue
+    from rq.job import Job
+
+JOB_FUNCTION = "workers.tasks.explain"
+PAYLOAD_VERSION = 1
+DEFAULT_LAYER = "layer4"  # the last convolutional stage of a ResNet (models.network)
+JOB_ID_PREFIX = "ex-"
+EXPLAIN_JOB_ID_RE = re.compile(r"ex-[0-9a-f]{32}")
+IMAGE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+LAYER_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*")
+META_PROGRESS = "progress"
+META_ERROR = "error"
+
+
+class Method(StrEnum):
+    GRADCAM = "gradcam"
+    GRADCAM_PP = "gradcam_pp"
+    SALIENCY = "saliency"
+    ACTIVATIONS = "activations"
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    STARTED = "started"
+    FINISHED = "finished"
+    FAILED = "failed"
+
+
+# --- the payload ----------------------------------------------------------------------
+
+
+class ExplainImage(BaseModel):
+    """One input image: its bytes inline (base64) or a reference into the job's store."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(description="Stem for the artifact files: letters, digits, _ and -.")
+    data_b64: str | None = Field(None, description="The encoded image file, base64.")
+    ref: str | None = Field(None, description=f"'{INPUTS_DIR}/<name>' in this job's store.")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not IMAGE_NAME_RE.fullmatch(v):
+            raise ValueError(f"image name {v!r} must match {IMAGE_NAME_RE.pattern}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ExplainImage:
+        if (self.data_b64 is None) == (self.ref is None):
+            raise ValueError(f"image {self.name!r} needs exactly one of data_b64 and ref")
+        if self.ref is not None and self.ref != f"{INPUTS_DIR}/{self.name}":
+            raise ValueError(f"image {self.name!r}: ref must be '{INPUTS_DIR}/{self.name}'")
+        return self
+
+    def image_bytes(self) -> bytes | None:
+        """The decoded inline bytes (None for a reference)."""
+        if self.data_b64 is None:
+            return None
+        try:
+            return base64.b64decode(self.data_b64, validate=True)
+        except ValueError:
+            raise JobError(f"image {self.name!r}: data_b64 is not valid base64") from None
+
+
+class ExplainRequest(BaseModel):
+    """The job payload: what to explain, with which model, how."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+    version: int = Field(PAYLOAD_VERSION, description="Payload schema version.")
+    model: str = Field(description="Model tag, a concrete version: 'lantern-classifier:<v>'.")
+    methods: list[Method] = Field(min_length=1)
+    targets: list[int | None] = Field(
+        description="One per image: the class to explain, or None for its own top-1."
+    )
+    layer: str = Field(DEFAULT_LAYER, description="Layer for Grad-CAM and Grad-CAM++.")
+    activation_layer: str | None = Field(
+        None, description="Layer whose feature maps 'activations' shows (default: layer)."
+    )
+    images: list[ExplainImage] = Field(min_length=1)
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, v: int) -> int:
+        if v != PAYLOAD_VERSION:
+            raise ValueError(f"payload version {v} is not supported (expected {PAYLOAD_VERSION})")
+        return v
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+(:[A-Za-z0-9_.-]+)?", v):
+            raise ValueError(f"{v!r} is not a model tag")
+        return v
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, v: list[Method]) -> list[Method]:
+        if len(set(v)) != len(v):
+            raise ValueError("methods must not repeat")
+        return v
+
+    @field_validator("targets")
+    @classmethod
+    def _targets(cls, v: list[int | None]) -> list[int | None]:
+        if any(t is not None and t < 0 for t in v):
+            raise ValueError("targets must be class indices >= 0 or null")
+        return v
+
+    @field_validator("layer", "activation_layer")
+    @classmethod
+    def _layer(cls, v: str | None) -> str | None:
+        if v is not None and not LAYER_RE.fullmatch(v):
+            raise ValueError(f"{v!r} is not a layer name like 'layer4' or 'layer3.1.conv2'")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ExplainRequest:
+        if len(self.targets) != len(self.images):
+            raise ValueError(
+                f"{len(self.targets)} targets for {len(self.images)} images: give one per "
+                "image (null for its own top-1 class)"
+            )
+        names = [im.name for im in self.images]
+        if len(set(names)) != len(names):
+            raise ValueError("image names must be unique within a job")
+        return self
+
+    @property
+    def effective_activation_layer(self) -> str:
+        return self.activation_layer or self.layer
+
+
+def parse_request(payload: Any) -> ExplainRequest:
+    """Validate a payload; the error says which field is wrong and why."""
+    try:
+        return ExplainRequest.model_validate(payload)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'payload'}: {err['msg']}"
+            for err in e.errors()
+        )
+        raise JobError(f"invalid explanation request: {problems}") from None
+
+
+# --- job ids ---------------------------------------------------------------------------
+
+
+def make_job_id(
+    images: Sequence[tuple[str, bytes]],
+    model: str,
+    methods: Sequence[Method | str],
+    targets: Sequence[int | None] | None,
+    layer: str = DEFAULT_LAYER,
+    activation_layer: str | None = None,
+) -> str:
+    """'ex-' + 32 hex digits: identical requests (same bytes, names, model version, methods
+    in any order, targets, layers) get the same id."""
+    key = {
+        "v": PAYLOAD_VERSION,
+        "model": model,
+        "methods": sorted(str(Method(m)) for m in methods),
+        "targets": list(targets) if targets is not None else [None] * len(images),
+        "layer": layer,
+        "activation_layer": activation_layer or layer,
+        "images": [[name, hashlib.sha256(data).hexdigest()] for name, data in images],
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    return JOB_ID_PREFIX + digest[:32]
+
+
+def is_explain_job_id(job_id: str) -> bool:
+    return isinstance(job_id, str) and EXPLAIN_JOB_ID_RE.fullmatch(job_id) is not None
+
+
+def image_name(filename: str | None, index: int) -> str:
+    """A valid, readable image name from an upload's file name ("my cat.jpg" -> "my_cat")."""
+    stem = (filename or "").rsplit("/", 1)[-1].rsplit("\\", 1)[-1].rsplit(".", 1)[0]
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", stem).strip("_-")[:48]
+    return f"{index:02d}-{stem}" if stem else f"image-{index:02d}"
+
+
+# --- enqueue, find, status ---------------------------------------------------------------
+
+
+def explain_queue(connection: Redis, settings: Settings | None = None) -> Queue:
+    """The explanation queue, always with the JSON serializer."""
+    from rq import Queue
+    from rq.serializers import JSONSerializer
+
+    settings = settings or get_settings()
+    return Queue(settings.queue, connection=connection, serializer=JSONSerializer)
+
+
+def build_request(
+    job_id: str,
+    images: Sequence[tuple[str, bytes]],
+    model: str,
+    methods: Sequence[Method | str],
+    targets: Sequence[int | None] | None,
+    layer: str,
+    activation_layer: str | None,
+    store: ArtifactStore,
+    settings: Settings,
+) -> ExplainRequest:
+    """The payload; images over settings.inline_image_bytes are written to the store."""
+    items: list[dict[str, Any]] = []
+    for name, data in images:
+        if len(data) <= settings.inline_image_bytes:
+            items.append({"name": name, "data_b64": base64.b64encode(data).decode()})
+        else:
+            ref = f"{INPUTS_DIR}/{name}"
+            store.write(job_id, ref, data)
+            items.append({"name": name, "ref": ref})
+    return parse_request(
+        {
+            "model": model,
+            "methods": [str(Method(m)) for m in methods],
+            "targets": list(targets) if targets is not None else [None] * len(images),
+            "layer": layer,
+            "activation_layer": activation_layer,
+            "images": items,
+        }
+    )
+
+
+def enqueue_explain(
+    connection: Redis,
+    request: ExplainRequest,
+    job_id: str,
+    settings: Settings | None = None,
+) -> Job:
+    """Put `request` on the queue as job `job_id`; DuplicateJobError if it already exists."""
+    from rq import Retry
+
+    settings = settings or get_settings()
+    check_job_id(job_id)
+    n = len(request.images)
+    return explain_queue(connection, settings).enqueue(
+        JOB_FUNCTION,
+        args=(request.model_dump(mode="json"),),
+        job_id=job_id,
+        unique=True,
+        description=f"explain {n} image(s) with {request.model}: "
+        f"{', '.join(m.value for m in request.methods)}",
+        meta={META_PROGRESS: {"done": 0, "total": n}},
+        job_timeout=settings.job_timeout_seconds,
+        ttl=settings.job_ttl_seconds,  # longest it may wait in the queue
+        result_ttl=settings.job_ttl_seconds,
+        failure_ttl=settings.job_ttl_seconds,
+        retry=Retry(max=settings.job_retries) if settings.job_retries > 0 else None,
+    )
+
+
+def find_or_enqueue(
+    connection: Redis,
+    store: ArtifactStore,
+    images: Sequence[tuple[str, bytes]],
+    model: str,
+    methods: Sequence[Method | str],
+    targets: Sequence[int | None] | None = None,
+    layer: str = DEFAULT_LAYER,
+    activation_layer: str | None = None,
+    settings: Settings | None = None,
+) -> tuple[str, bool]:
+    """(job id, whether a new job was enqueued).
+
+    An identical request that is queued, running or finished is found instead of being
+    computed again; one that failed, or whose job has expired from Redis without leaving
+    a manifest, is enqueued afresh. `model` should be a concrete version, not ':latest',
+    or the id cannot tell model versions apart.
+    """
+    from rq.exceptions import DuplicateJobError
+
+    settings = settings or get_settings()
+    if not images:
+        raise JobError("an explanation needs at least one image")
+    if len(images) > settings.max_images_per_job:
+        raise JobError(
+            f"{len(images)} images in one job; the limit is {settings.max_images_per_job}"
+        )
+    job_id = make_job_id(images, model, methods, targets, layer, activation_layer)
+    current = job_status(connection, job_id, store, settings)
+    if current is not None and current["status"] != JobStatus.FAILED:
+        return job_id, False
+    if current is not None:  # failed: clear the old attempt and run it again
+        _delete_job(connection, job_id, settings)
+    request = build_request(
+        job_id, images, model, methods, targets, layer, activation_layer, store, settings
+    )
+    try:
+        enqueue_explain(connection, request, job_id, settings)
+    except DuplicateJobError:  # an identical request enqueued it a moment ago
+        return job_id, False
+    return job_id, True
+
+
+def job_status(
+    connection: Redis,
+    job_id: str,
+    store: ArtifactStore | None = None,
+    settings: Settings | None = None,
+) -> dict[str, Any] | None:
+    """{"id", "status", "progress": {"done", "total"}, "error", "manifest"}, or None if
+    no such job exists (in Redis, or as a finished manifest in the store)."""
+    from rq.exceptions import NoSuchJobError
+    from rq.job import Job
+    from rq.serializers import JSONSerializer
+
+    if not is_valid_job_id(job_id):
+        return None
+    try:
+        job = Job.fetch(job_id, connection=connection, serializer=JSONSerializer)
+    except NoSuchJobError:
+        job = None
+    manifest = read_manifest(store, job_id) if store is not None else None
+
+    if job is None:
+        if manifest is None:
+            return None
+        # Redis forgot the job (restart without persistence, expiry); the files remain.
+        n = len(manifest.get("images", []))
+        return _status_dict(job_id, JobStatus.FINISHED, n, n, None, manifest)
+
+    rq_status = _rq_status(job)
+    status = _STATUS_MAP.get(rq_status, JobStatus.QUEUED)
+    progress = (job.meta or {}).get(META_PROGRESS, {})
+    done, total = int(progress.get("done", 0)), int(progress.get("total", 0))
+    error = _readable_error(job, settings or get_settings()) if status == JobStatus.FAILED else None
+    if status == JobStatus.FINISHED and manifest is None and store is not None:
+        status, error = JobStatus.FAILED, "the job finished but its artifacts are missing"
+    return _status_dict(
+        job_id, status, done, total, error, manifest if status == JobStatus.FINISHED else None
+    )
+
+
+_STATUS_MAP = {
+    "queued": JobStatus.QUEUED,
+    "deferred": JobStatus.QUEUED,
+    "scheduled": JobStatus.QUEUED,
+    "created": JobStatus.QUEUED,
+    "started": JobStatus.STARTED,
+    "finished": JobStatus.FINISHED,
+    "failed": JobStatus.FAILED,
+    "stopped": JobStatus.FAILED,
+    "canceled": JobStatus.FAILED,
+}
+
+
+def _rq_status(job: Job) -> str:
+    status = job.get_status(refresh=False)
+    return str(getattr(status, "value", status))
+
+
+def _status_dict(
+    job_id: str,
+    status: JobStatus,
+    done: int,
+    total: int,
+    error: str | None,
+    manifest: dict[str, Any] | None,
+) -> dict[str, Any]:
+    return {
+        "id": job_id,
+        "status": status,
+        "progress": {"done": done, "total": total},
+        "error": error,
+        "manifest": manifest,
+    }
+
+
+def _readable_error(job: Job, settings: Settings) -> str:
+    """What went wrong, for a person: the worker's own message when it left one."""
+    meta_error = (job.meta or {}).get(META_ERROR)
+    if meta_error:
+        return str(meta_error)
+    result = job.latest_result()
+    exc = (result.exc_string or "") if result is not None else ""
+    if "AbandonedJobError" in exc:
+        return (
+            "the worker running this job stopped (killed or crashed) and no retries were "
+            "left; submit the request again"
+        )
+    if "JobTimeoutException" in exc:
+        return (
+            f"the job took longer than {job.timeout or settings.job_timeout_seconds} s "
+            "(job_timeout_seconds); send fewer images per request"
+        )
+    if "DeserializationError" in exc:
+        return "the job's payload is not JSON; it was not enqueued by Lantern"
+    if _rq_status(job) in ("stopped", "canceled"):
+        return "the job was stopped"
+    last = exc.strip().splitlines()[-1] if exc.strip() else ""
+    return last or "the job failed without a message"
+
+
+def _delete_job(connection: Redis, job_id: str, settings: Settings) -> None:
+    from rq.exceptions import NoSuchJobError
+    from rq.job import Job
+    from rq.serializers import JSONSerializer
+
+    with contextlib.suppress(NoSuchJobError):
+        Job.fetch(job_id, connection=connection, serializer=JSONSerializer).delete()

@@ -1,0 +1,53 @@
+"""The one small interface every explanation method implements.
+
+The engine runs one forward and one backward pass for a batch and hands every method the
+same `PassOutputs`; a method declares what it needs (a layer's activations, their
+gradients, the input's gradient) and turns those tensors into one map per image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+
+@dataclass
+class PassOutputs:
+    """What one forward + backward pass produced for a batch of N images."""
+
+    inputs: torch.Tensor  # (N, C, H, W), the preprocessed batch
+    logits: torch.Tensor  # (N, classes)
+    targets: torch.Tensor  # (N,) long: the class explained for each image
+    activations: dict[str, torch.Tensor]  # layer -> (N, K, h, w) output of that layer
+    gradients: dict[str, torch.Tensor]  # layer -> d(target score)/d(activations)
+    input_gradient: torch.Tensor | None  # (N, C, H, W) d(target score)/d(inputs)
+
+
+@dataclass
+class MethodResult:
+    """Raw (unnormalised) maps, one per image, at the method's native resolution."""
+
+    maps: torch.Tensor  # (N, h, w)
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class ExplanationMethod:
+    """Base class: set the class attributes, implement `compute`."""
+
+    name: ClassVar[str]
+    needs_layer: ClassVar[bool] = False  # wants `layer`'s activations
+    needs_layer_gradient: ClassVar[bool] = False  # and their gradients
+    needs_input_gradient: ClassVar[bool] = False
+
+    def __init__(self, layer: str | None = None):
+        if self.needs_layer and not layer:
+            raise ValueError(f"{self.name} needs a layer name")
+        self.layer = layer if self.needs_layer else None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(layer={self.layer!r})"
+
+    def compute(self, p: PassOutputs) -> MethodResult:
+        raise NotImplementedError

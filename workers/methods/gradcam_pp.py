@@ -1,0 +1,31 @@
+"""Grad-CAM++ (Chattopadhay et al. 2018): pixel-wise weighted positive gradients.
+
+With the paper's exponential-score closed form, for channel k at position ij:
+    a_ij = g^2 / (2 g^2 + sum_ab A_k(a, b) g^3)       (0 where g = 0)
+    w_k  = sum_ij a_ij ReLU(g_ij)                     L = ReLU(sum_k w_k A_k)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from workers.methods.base import ExplanationMethod, MethodResult, PassOutputs
+
+_EPS = 1e-7
+
+
+class GradCAMPlusPlus(ExplanationMethod):
+    name = "gradcam_pp"
+    needs_layer = True
+    needs_layer_gradient = True
+
+    def compute(self, p: PassOutputs) -> MethodResult:
+        assert self.layer is not None
+        acts, grads = p.activations[self.layer], p.gradients[self.layer]
+        g2 = grads.pow(2)
+        g3 = g2 * grads
+        sum_acts = acts.sum(dim=(2, 3), keepdim=True)
+        alpha = g2 / (2 * g2 + sum_acts * g3 + _EPS)
+        alpha = torch.where(grads != 0, alpha, torch.zeros_like(alpha))
+        weights = (alpha * grads.clamp_min(0)).sum(dim=(2, 3), keepdim=True)
+        return MethodResult((weights * acts).sum(dim=1).clamp_min(0))
