@@ -1,0 +1,39 @@
+"""lantern serve: run the prediction API (`bentoml serve service.service:Lantern`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+HELP = "Serve predictions over HTTP from the registered ONNX model (BentoML, no torch)."
+
+SERVICE = "service.service:Lantern"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all)")
+    p.add_argument("--port", type=int, default=3000, help="port to listen on")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="model tag to serve (default: the LANTERN_MODEL setting, lantern-classifier:latest)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from lantern.settings import get_settings
+    from models.bundle import load_bundle
+
+    # Pin "latest" to a concrete version here, once: the API and model processes then load
+    # the same bundle even if a new version is registered while they start.
+    bundle = load_bundle(args.model or get_settings().model)
+    env = {**os.environ, "LANTERN_MODEL": bundle.tag, "BENTOML_DO_NOT_TRACK": "true"}
+    command = [
+        sys.executable, "-m", "bentoml", "serve", SERVICE,
+        "--host", args.host, "--port", str(args.port),
+    ]  # fmt: skip
+    print(f"serving {bundle.tag} on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
+    # exec, not a child: signals from a terminal, docker or a test reach the server directly.
+    os.execvpe(command[0], command, env)
+    return 0  # not reached

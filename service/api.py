@@ -1,0 +1,180 @@
+"""The HTTP routes of the Lantern API, and the only place errors become HTTP responses.
+
+A FastAPI app mounted into the `Lantern` BentoML service (see `service.service`): BentoML
+keeps /livez, /readyz, /metrics and the OpenAPI docs (which include these routes); this
+app owns request parsing, so every bad upload gets a 4xx with a JSON body
+`{"error": "..."}` a person can act on, instead of BentoML's 500 or list-shaped bodies.
+"""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Any
+
+from bentoml.exceptions import BentoMLException
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from lantern.errors import InputError
+from service.jobs_api import register_error_handlers
+from service.jobs_api import router as jobs_router
+from service.uploads import read_uploads
+
+if TYPE_CHECKING:
+    from service.service import Lantern
+
+log = logging.getLogger("lantern.service")
+
+MAX_TOP_K = 1000
+
+
+class ClassScore(BaseModel):
+    label: str = Field(description="Class name.")
+    class_index: int = Field(description="Index of the class in the model's output.")
+    probability: float = Field(description="Softmax probability.")
+
+
+class Prediction(ClassScore):
+    """The most probable class, then the top-k ranking and the model version that answered."""
+
+    top_k: list[ClassScore] = Field(description="The k most probable classes, best first.")
+    model_version: str = Field(description="Version of the model that answered.")
+
+
+class BatchPrediction(BaseModel):
+    predictions: list[Prediction] = Field(description="One prediction per image, in order.")
+
+
+class ErrorBody(BaseModel):
+    error: str = Field(description="What was wrong with the request, and how to fix it.")
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": description}
+    for status, description in {
+        400: "Empty body, missing field, or malformed form data",
+        413: "A file over the size limit or an image over the pixel limit",
+        415: "Not an image Lantern can read, or an unsupported Content-Type",
+        422: "Truncated or corrupt image, zero-sized image, or a bad parameter",
+        503: "The model is overloaded, or (explanations) Redis is unreachable; retry later",
+    }.items()
+}
+
+
+def _upload_body(field: str, many: bool) -> dict[str, Any]:
+    """OpenAPI requestBody for multipart uploads (the route parses the body itself)."""
+    file_schema: dict[str, Any] = {"type": "string", "format": "binary"}
+    schema = {"type": "array", "items": file_schema} if many else file_schema
+    content: dict[str, Any] = {
+        "multipart/form-data": {
+            "schema": {"type": "object", "properties": {field: schema}, "required": [field]}
+        }
+    }
+    if not many:
+        content["image/*"] = {"schema": file_schema}
+    return {"requestBody": {"required": True, "content": content}}
+
+
+app = FastAPI(
+    title="Lantern",
+    summary="Image classification from the registered ONNX model.",
+    # BentoML serves the docs (/ and /docs.json) and merges these routes into them.
+    docs_url=None,
+    redoc_url=None,
+    openapi_url=None,
+)
+
+
+def current_service() -> Lantern:
+    import bentoml
+
+    return bentoml.get_current_service()  # type: ignore[no-any-return]
+
+
+TopK = Query(5, ge=1, le=MAX_TOP_K, description="How many of the most probable classes.")
+
+
+@app.post(
+    "/predict",
+    response_model=Prediction,
+    responses=ERROR_RESPONSES,
+    openapi_extra=_upload_body("image", many=False),
+    summary="Classify one image",
+)
+async def predict(request: Request, top_k: int = TopK) -> dict[str, Any]:
+    """One image (JPEG, PNG, WebP, BMP, GIF, TIFF) as file field `image`, or as the raw body."""
+    lantern = current_service()
+    settings = lantern.settings
+    uploads = await read_uploads(
+        request,
+        field="image",
+        max_files=1,
+        max_file_bytes=settings.max_upload_bytes,
+        max_body_bytes=settings.max_upload_bytes + 64 * 1024,  # room for the form framing
+        allow_raw=True,
+    )
+    return (await lantern.predict_uploads(uploads, top_k))[0]
+
+
+@app.post(
+    "/predict_batch",
+    response_model=BatchPrediction,
+    responses=ERROR_RESPONSES,
+    openapi_extra=_upload_body("images", many=True),
+    summary="Classify several images",
+)
+async def predict_batch(request: Request, top_k: int = TopK) -> dict[str, Any]:
+    """Several images as repeated file field `images`; one prediction per image, in order."""
+    lantern = current_service()
+    settings = lantern.settings
+    uploads = await read_uploads(
+        request,
+        field="images",
+        max_files=settings.max_batch_images,
+        max_file_bytes=settings.max_upload_bytes,
+        max_body_bytes=settings.max_batch_bytes,
+    )
+    return {"predictions": await lantern.predict_uploads(uploads, top_k)}
+
+
+app.include_router(jobs_router)
+register_error_handlers(app)
+
+
+@app.exception_handler(InputError)
+async def _input_error(_: Request, exc: InputError) -> JSONResponse:
+    return JSONResponse({"error": str(exc)}, status_code=exc.status_code)
+
+
+@app.exception_handler(RequestValidationError)
+async def _invalid_parameter(_: Request, exc: RequestValidationError) -> JSONResponse:
+    problems = [
+        f"{'.'.join(str(p) for p in e['loc'] if p != 'query')}: {e['msg']}" for e in exc.errors()
+    ]
+    return JSONResponse({"error": "invalid parameter " + "; ".join(problems)}, status_code=422)
+
+
+@app.exception_handler(BentoMLException)
+async def _model_service_error(_: Request, exc: BentoMLException) -> JSONResponse:
+    """LanternModel answered with an error: overloaded (503) or failed (logged, 500)."""
+    if exc.error_code == HTTPStatus.SERVICE_UNAVAILABLE:
+        return JSONResponse(
+            {"error": "the model is overloaded right now; retry in a moment"}, status_code=503
+        )
+    log.error("the model service failed: %s", exc)
+    return JSONResponse(
+        {"error": "internal error while answering the request; see the server log"},
+        status_code=500,
+    )
+
+
+@app.exception_handler(Exception)
+async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    # A bug, not bad input (Starlette logs the traceback after this response is sent).
+    return JSONResponse(
+        {"error": "internal error while answering the request; see the server log"},
+        status_code=500,
+    )

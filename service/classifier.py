@@ -1,0 +1,122 @@
+"""ONNX Runtime inference: session creation with provider selection, softmax and top-k.
+
+Torch-free. `onnxruntime-gpu` lists the CUDA provider whenever the package is installed,
+even when CUDA then fails to load and the session silently falls back to the CPU; so the
+provider actually in use is read back from `session.get_providers()`, never assumed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from lantern.errors import ModelError, UsageError
+
+log = logging.getLogger("lantern.service.classifier")
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+PROVIDER_CHOICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The top-k classes of one image, most probable first."""
+
+    class_indices: list[int]
+    probabilities: list[float]
+
+
+def create_session(
+    onnx_path: Path, *, provider: str = "auto", threads: int = 0
+) -> ort.InferenceSession:
+    """An ONNX Runtime session on CUDA when asked for (or, with "auto", when it works).
+
+    `threads` is the intra-op thread count; 0 means one per CPU this process may run on.
+    Raises ModelError when "cuda" is demanded but the session cannot get it.
+    """
+    if provider not in PROVIDER_CHOICES:
+        raise UsageError(
+            f"ort_provider must be one of {', '.join(PROVIDER_CHOICES)}, not {provider!r}"
+        )
+    wants_cuda = provider == "cuda" or (
+        provider == "auto" and CUDA in ort.get_available_providers()
+    )
+    providers = [CUDA, CPU] if wants_cuda else [CPU]
+    options = session_options(threads)
+    quiet = wants_cuda and provider == "auto"
+    if quiet:
+        # A failed CUDA load is expected on CPU hosts; keep ORT from logging it as an error.
+        ort.set_default_logger_severity(4)
+    try:
+        session = ort.InferenceSession(str(onnx_path), options, providers=providers)
+    except Exception as e:  # ORT raises its own exception types for bad graphs
+        raise ModelError(f"ONNX Runtime cannot load {onnx_path}: {e}") from None
+    finally:
+        if quiet:
+            ort.set_default_logger_severity(2)  # ORT's default: warnings and up
+    got = session.get_providers()[0]
+    if wants_cuda and got != CUDA and provider == "auto":
+        log.info("CUDA is listed by onnxruntime-gpu but unusable here; falling back to the CPU")
+    if provider == "cuda" and got != CUDA:
+        raise ModelError(
+            "LANTERN_ORT_PROVIDER=cuda but ONNX Runtime could not use CUDA (check the driver, "
+            "CUDA and cuDNN libraries); use auto or cpu to run on the CPU"
+        )
+    log.info(
+        "ONNX Runtime session for %s runs on %s (asked for %s; intra-op threads %s)",
+        onnx_path.name,
+        got,
+        provider,
+        options.intra_op_num_threads,
+    )
+    return session
+
+
+def session_options(threads: int = 0) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # ResNets are a chain of convolutions: all parallelism is inside the operators.
+    options.intra_op_num_threads = threads if threads > 0 else usable_cpus()
+    options.inter_op_num_threads = 1
+    # The API process decodes images on the same cores; spinning workers would steal them.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (respects affinity masks and container cpusets)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def run(session: ort.InferenceSession, batch: np.ndarray) -> np.ndarray:
+    """Logits (N, classes) for a float32 batch (N, 3, H, W)."""
+    name = session.get_inputs()[0].name
+    logits = session.run(None, {name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+    return np.asarray(logits, dtype=np.float32)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax, stable for large logits (the row maximum is subtracted first)."""
+    z = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
+def top_k(probabilities: np.ndarray, k: int) -> Prediction:
+    """The k most probable classes of one row of probabilities (ties: lower index first)."""
+    k = max(1, min(k, probabilities.shape[-1]))
+    order = np.argsort(-probabilities, kind="stable")[:k]
+    return Prediction(
+        class_indices=[int(i) for i in order],
+        probabilities=[float(probabilities[i]) for i in order],
+    )

@@ -1,0 +1,189 @@
+"""Against a real `lantern serve` (BentoML, two processes) on a loopback port: answers equal
+a direct ONNX Runtime run, concurrent requests are batched, bad input gets a JSON 4xx, and no
+process of the server ever loads torch."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import psutil
+import pytest
+
+from service.classifier import softmax
+from service.images import decode_image
+from tests.service_fixtures import (
+    SERVER_MAX_BATCH_IMAGES,
+    SERVER_MAX_UPLOAD_BYTES,
+    Server,
+    animated_gif,
+    encode,
+    exif_rotated_jpeg,
+    grey16,
+    jpeg,
+    png,
+    png_header_only,
+    solid,
+    start_server,
+    stop_server,
+    truncated,
+)
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def lantern_server(tiny_bundle, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:  # type: ignore[no-untyped-def]
+    """One real `lantern serve` for these tests, serving the tiny bundle."""
+    server = start_server(tiny_bundle.tag, tmp_path_factory.mktemp("serve") / "serve.log")
+    yield server
+    stop_server(server)
+
+
+def reference(bundle, images: list[bytes]) -> np.ndarray:  # type: ignore[no-untyped-def]
+    x = bundle.preprocess.apply_batch([decode_image(d, max_pixels=10**8) for d in images])
+    session = ort.InferenceSession(str(bundle.onnx_path), providers=["CPUExecutionProvider"])
+    return softmax(session.run(None, {"input": x})[0])
+
+
+def every_format() -> dict[str, bytes]:
+    rgba = solid("RGBA", (30, 20), (10, 200, 40, 128))
+    return {
+        "jpeg": jpeg((120, 90), seed=1),
+        "jpeg-exif-rotated": exif_rotated_jpeg(),
+        "jpeg-cmyk": encode(solid("CMYK", (40, 30), (0, 200, 100, 20)), "JPEG"),
+        "png-rgba": encode(rgba, "PNG"),
+        "png-la": encode(rgba.convert("LA"), "PNG"),
+        "png-p": encode(solid("RGB", (40, 30), (5, 90, 200)).convert("P"), "PNG"),
+        "png-16bit": encode(grey16(40000), "PNG"),
+        "webp": encode(solid("RGB", (40, 30), (120, 60, 30)), "WEBP"),
+        "bmp": encode(solid("L", (40, 30), 77), "BMP"),
+        "gif-animated": animated_gif((200, 0, 0), (0, 0, 200)),
+        "tiff-16bit": encode(grey16(1000), "TIFF"),
+        "tiff-cmyk": encode(solid("CMYK", (40, 30), (100, 0, 50, 0)), "TIFF"),
+    }
+
+
+def test_predictions_equal_a_direct_onnx_runtime_run(lantern_server: Server, tiny_bundle) -> None:  # type: ignore[no-untyped-def]
+    images = every_format()
+    expected = reference(tiny_bundle, list(images.values()))
+    with httpx.Client(base_url=lantern_server.url, timeout=30) as client:
+        for (name, data), probs in zip(images.items(), expected, strict=True):
+            r = client.post("/predict?top_k=3", files={"image": (name, data)})
+            assert r.status_code == 200, (name, r.text)
+            body = r.json()
+            got = {e["class_index"]: e["probability"] for e in body["top_k"]}
+            assert len(got) == 3, name
+            for index, p in got.items():
+                assert p == pytest.approx(float(probs[index]), abs=1e-5), name
+            assert body["class_index"] == int(np.argmax(probs)), name
+            assert body["model_version"] == tiny_bundle.version
+        files = [("images", (name, data)) for name, data in images.items()]
+        r = client.post("/predict_batch", files=files[:SERVER_MAX_BATCH_IMAGES])
+        assert r.status_code == 200, r.text
+        for p, probs in zip(r.json()["predictions"], expected, strict=False):
+            assert p["probability"] == pytest.approx(float(probs.max()), abs=1e-5)
+        assert len(r.json()["predictions"]) == SERVER_MAX_BATCH_IMAGES
+
+
+def batch_histogram(metrics: str) -> tuple[float, float]:
+    """(images, batches) the model service has run, from BentoML's adaptive-batch histogram."""
+    found = {}
+    for suffix in ("sum", "count"):
+        m = re.search(
+            rf'^\w*adaptive_batch_size_{suffix}\{{[^}}]*method_name="classify"[^}}]*\}} (\S+)$',
+            metrics,
+            re.M,
+        )
+        assert m, f"no adaptive batch-size {suffix} in /metrics"
+        found[suffix] = float(m.group(1))
+    return found["sum"], found["count"]
+
+
+def test_32_concurrent_requests_all_succeed_and_are_batched(lantern_server: Server) -> None:
+    images = [jpeg((160, 120), seed=s) for s in range(32)]
+
+    async def burst() -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=32)
+        async with httpx.AsyncClient(base_url=lantern_server.url, timeout=60, limits=limits) as c:
+            return await asyncio.gather(
+                *(
+                    c.post("/predict", files={"image": (f"{i}.jpg", d)})
+                    for i, d in enumerate(images)
+                )
+            )
+
+    asyncio.run(burst())  # let BentoML's batching optimiser finish its training phase
+    before = batch_histogram(httpx.get(lantern_server.url + "/metrics").text)
+    responses = asyncio.run(burst())
+    after = batch_histogram(httpx.get(lantern_server.url + "/metrics").text)
+    assert [r.status_code for r in responses] == [200] * 32, [
+        r.text for r in responses if r.status_code != 200
+    ]
+    served, batches = after[0] - before[0], after[1] - before[1]
+    assert served == 32
+    assert batches < served, f"32 requests ran as {batches:.0f} batches: no batching happened"
+
+
+def test_bad_input_gets_a_json_4xx_and_the_server_keeps_serving(lantern_server: Server) -> None:
+    limit = SERVER_MAX_UPLOAD_BYTES
+    xml = {"Content-Type": "application/xml"}
+    jpeg_type = {"Content-Type": "image/jpeg"}
+    cases: list[tuple[str, dict, int]] = [  # type: ignore[type-arg]
+        ("empty body", {}, 400),
+        ("missing field", {"files": {"picture": ("a.jpg", jpeg())}}, 400),
+        ("not an image", {"files": {"image": ("a.jpg", b"GIF89a but not really")}}, 415),
+        ("truncated", {"files": {"image": ("t.png", truncated(png((300, 200))))}}, 422),
+        ("unknown content type", {"content": b"<xml/>", "headers": xml}, 415),
+        ("file over the limit", {"files": {"image": ("big.jpg", b"\xd8" * (limit + 1))}}, 413),
+        ("body over the limit", {"content": b"\xd8" * (2 * limit), "headers": jpeg_type}, 413),
+        ("decompression bomb", {"files": {"image": ("b.png", png_header_only(30_000, 30_000))}}, 413),
+        ("over the pixel limit", {"files": {"image": ("w.png", png_header_only(5_000, 1_000))}}, 413),
+        ("zero-sized", {"files": {"image": ("zero.png", png_header_only(7, 0))}}, 422),
+    ]  # fmt: skip
+    with httpx.Client(base_url=lantern_server.url, timeout=30) as client:
+        for name, kwargs, status in cases:
+            r = client.post("/predict", **kwargs)
+            assert r.status_code == status, (name, r.status_code, r.text)
+            body = r.json()
+            assert isinstance(body, dict) and set(body) == {"error"}, (name, body)
+            assert len(body["error"]) > 20, (name, body)
+        too_many = [("images", (f"{i}.jpg", jpeg())) for i in range(SERVER_MAX_BATCH_IMAGES + 1)]
+        r = client.post("/predict_batch", files=too_many)
+        assert r.status_code == 413 and "too many" in r.json()["error"]
+        assert client.post("/predict", files={"image": ("ok.jpg", jpeg())}).status_code == 200
+    assert (
+        " 500 " not in lantern_server.log_text() and "status=500" not in lantern_server.log_text()
+    )
+
+
+def test_no_process_of_the_server_loads_torch(lantern_server: Server) -> None:
+    root = psutil.Process(lantern_server.process.pid)
+    processes = [root, *root.children(recursive=True)]
+    maps = {p.pid: Path(f"/proc/{p.pid}/maps").read_text() for p in processes}
+    # Not vacuous: the tree holds the arbiter and both service workers, and the model
+    # worker's memory map shows the ONNX Runtime library it inferred with.
+    commands = [" ".join(p.cmdline()) for p in processes]
+    assert any("--service-name lantern-model" in c for c in commands), commands
+    assert any("--service-name lantern " in c + " " for c in commands), commands
+    assert any("onnxruntime_pybind11_state" in m for m in maps.values())
+    for pid, text in maps.items():
+        loaded = {line.split()[-1] for line in text.splitlines() if "torch" in line.lower()}
+        assert not loaded, f"process {pid} mapped torch: {sorted(loaded)[:3]}"
+
+
+def test_probes_metrics_and_docs(lantern_server: Server, tiny_bundle) -> None:  # type: ignore[no-untyped-def]
+    with httpx.Client(base_url=lantern_server.url, timeout=10) as client:
+        assert client.get("/livez").status_code == 200
+        assert client.get("/readyz").status_code == 200
+        metrics = client.get("/metrics").text
+        assert f'version="{tiny_bundle.version}"' in metrics and "lantern_model_info" in metrics
+        assert "adaptive_batch_size" in metrics and "request_duration_seconds" in metrics
+        assert "/predict" in client.get("/docs.json").json()["paths"]
+    provider = re.search(r"runs on (\w+ExecutionProvider)", lantern_server.log_text())
+    assert provider and provider.group(1) in {"CPUExecutionProvider", "CUDAExecutionProvider"}
