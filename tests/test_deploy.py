@@ -119,3 +119,9 @@ def test_the_api_bento_carries_the_core_dependencies_and_no_torch() -> None:
         "models/bundle.py",
         "models/preprocess.py",
     ]
+
+
+def test_readme_settings_table_lists_every_setting() -> None:
+    from lantern.commands.settings import markdown_table
+
+    assert markdown_table() in (ROOT / "README.md").read_text()

@@ -1,0 +1,194 @@
+"""Explanation jobs as the API sees them: validate, enqueue (or find), report, serve files.
+
+Torch-free: the work itself happens in the workers; this side speaks the contract in
+`lantern.jobs` and reads results from the artifact store. Errors are raised as
+`lantern.errors` types; `service.jobs_api` turns them into HTTP responses.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from lantern.errors import InputError, JobError, QueueUnavailable, UnprocessableInput
+from lantern.jobs import (
+    DEFAULT_LAYER,
+    LAYER_RE,
+    JobStatus,
+    Method,
+    find_or_enqueue,
+    image_name,
+    is_explain_job_id,
+    job_status,
+)
+from lantern.settings import Settings
+from lantern.store import InvalidAddress, check_file_name, open_store
+from models.bundle import Bundle
+
+CONTENT_TYPES = {".png": "image/png", ".npy": "application/octet-stream"}
+_INPUT_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
+
+
+class JobNotFound(JobError):
+    """No job with this id (it never existed, or it expired)."""
+
+
+@dataclass(frozen=True)
+class ExplainOptions:
+    methods: list[Method]
+    targets: list[int | None] | None
+    layer: str
+    activation_layer: str | None
+
+
+def parse_options(params: dict[str, str], n_images: int, class_names: list[str]) -> ExplainOptions:
+    """methods / targets / layer / activation_layer from query or form values, checked."""
+    known = ", ".join(m.value for m in Method)
+    raw_methods = [m.strip() for m in params.get("methods", "gradcam").split(",") if m.strip()]
+    if not raw_methods:
+        raise UnprocessableInput(f"methods is empty; choose from {known}")
+    methods: list[Method] = []
+    for m in raw_methods:
+        try:
+            method = Method(m.lower())
+        except ValueError:
+            raise UnprocessableInput(f"unknown method {m!r}; choose from {known}") from None
+        if method not in methods:
+            methods.append(method)
+
+    targets: list[int | None] | None = None
+    if params.get("targets", "").strip():
+        entries = params["targets"].split(",")
+        if len(entries) != n_images:
+            raise UnprocessableInput(
+                f"targets has {len(entries)} entries for {n_images} image(s); give one per "
+                "image, comma-separated, an empty entry meaning the image's own top class"
+            )
+        targets = [_target(e.strip(), class_names) for e in entries]
+
+    layer = params.get("layer", "").strip() or DEFAULT_LAYER
+    activation_layer = params.get("activation_layer", "").strip() or None
+    for name in filter(None, (layer, activation_layer)):
+        if not LAYER_RE.fullmatch(name):
+            raise UnprocessableInput(
+                f"layer {name!r} is not a module name (examples: layer4, layer3.1.conv2)"
+            )
+    return ExplainOptions(methods, targets, layer, activation_layer)
+
+
+def _target(entry: str, class_names: list[str]) -> int | None:
+    if entry == "":
+        return None
+    if re.fullmatch(r"\d+", entry):
+        index = int(entry)
+    elif entry in class_names:
+        index = class_names.index(entry)
+    else:
+        raise UnprocessableInput(
+            f"target {entry!r} is neither a class index nor a class name of this model"
+        )
+    if not 0 <= index < len(class_names):
+        raise UnprocessableInput(
+            f"target {index} is out of range; this model has classes 0..{len(class_names) - 1}"
+        )
+    return index
+
+
+class Explanations:
+    """The API's side of explanation jobs, with its Redis connection and artifact store."""
+
+    def __init__(self, settings: Settings, bundle: Bundle):
+        self.settings = settings
+        self.bundle = bundle
+        self.store = open_store(settings)
+        # Connects lazily: the API starts, and /predict works, with Redis down.
+        self.redis = redis.Redis.from_url(
+            settings.redis_url, socket_connect_timeout=2, socket_timeout=10
+        )
+
+    def submit(
+        self, images: list[tuple[str | None, bytes]], options: ExplainOptions
+    ) -> tuple[dict[str, Any], bool]:
+        """(status, created): a new job, or the identical one that exists already."""
+        named = [(image_name(filename, i), data) for i, (filename, data) in enumerate(images)]
+        with self._queue_errors():
+            job_id, created = find_or_enqueue(
+                self.redis,
+                self.store,
+                named,
+                self.bundle.tag,  # a concrete version, so ids tell versions apart
+                options.methods,
+                options.targets,
+                options.layer,
+                options.activation_layer,
+                self.settings,
+            )
+            if created:
+                return {"job_id": job_id, "status": JobStatus.QUEUED}, True
+            return self.status(job_id), False
+
+    def status(self, job_id: str) -> dict[str, Any]:
+        check_job_id_format(job_id)
+        with self._queue_errors():
+            status = job_status(self.redis, job_id, self.store, self.settings)
+        if status is None:
+            raise JobNotFound(f"no job {job_id} (unknown, or expired after its time to live)")
+        manifest = status.get("manifest")
+        if manifest:
+            for image in manifest.get("images", []):
+                image["urls"] = artifact_urls(job_id, image.get("files", {}))
+        return {"job_id": job_id, **status}
+
+    def artifact(self, job_id: str, name: str) -> tuple[bytes, str]:
+        """(bytes, content type) of one stored file of a job."""
+        check_job_id_format(job_id)
+        try:
+            check_file_name(name)
+        except InvalidAddress:
+            raise InputError(f"{name!r} is not a valid artifact file name") from None
+        if not self.store.exists(job_id, name):
+            raise JobNotFound(f"job {job_id} has no file {name!r} (or it has expired)")
+        suffix = "." + name.rsplit(".", 1)[-1].lower() if "." in name else ""
+        content_type = CONTENT_TYPES.get(suffix) or _INPUT_TYPES.get(suffix)
+        return self.store.read(job_id, name), content_type or "application/octet-stream"
+
+    def _queue_errors(self) -> _QueueErrors:
+        return _QueueErrors(self.settings.redis_url)
+
+
+class _QueueErrors:
+    """Turn Redis connection trouble into QueueUnavailable (503 at the API edge)."""
+
+    def __init__(self, url: str):
+        self.url = url
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        if exc_type is not None and issubclass(
+            exc_type, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError
+        ):
+            raise QueueUnavailable(
+                "the explanation queue (Redis) is unavailable right now; predictions still "
+                "work, explanations will resume when Redis is back — retry in a moment"
+            ) from None
+        return False
+
+
+def check_job_id_format(job_id: str) -> None:
+    if not is_explain_job_id(job_id):
+        raise InputError(f"{job_id[:80]!r} is not a job id (expected 'ex-' and 32 hex digits)")
+
+
+def artifact_urls(job_id: str, files: dict[str, Any]) -> dict[str, str]:
+    """{"gradcam.heatmap": "/jobs/<id>/<file>", ...} for every file a manifest entry names."""
+    urls: dict[str, str] = {}
+    for method, entry in files.items():
+        for kind, name in entry.items():
+            if isinstance(name, str):
+                urls[f"{method}.{kind}"] = f"/jobs/{job_id}/{name}"
+    return urls

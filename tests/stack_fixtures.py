@@ -1,0 +1,51 @@
+"""The whole system as real processes on loopback: its own redis-server, a `lantern worker`
+and a `lantern serve`, wired together the way `lantern up` wires them."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import RedisServer, start_redis
+from tests.service_fixtures import Server, start_server, stop_server
+from tests.worker_fixtures import start_worker, stop_processes, worker_env
+
+
+@dataclass
+class Stack:
+    redis: RedisServer
+    worker: subprocess.Popen[bytes]
+    server: Server
+    artifact_dir: Path
+    env: dict[str, str]
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+
+def start_stack(tag: str, tmp: Path) -> Stack:
+    redis = start_redis(tmp / "redis")
+    artifacts = tmp / "artifacts"
+    env = worker_env(redis.url, artifacts, tag)
+    worker = start_worker(env, tmp / "worker.log")
+    shared = {k: env[k] for k in ("REDIS_URL", "LANTERN_ARTIFACT_DIR", "LANTERN_QUEUE")}
+    server = start_server(tag, tmp / "server.log", extra_env=shared)
+    return Stack(redis, worker, server, artifacts, env)
+
+
+def stop_stack(stack: Stack) -> None:
+    stop_server(stack.server)
+    stop_processes([stack.worker])
+    stack.redis.stop()
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_bundle, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:  # type: ignore[no-untyped-def]
+    running = start_stack(tiny_bundle.tag, tmp_path_factory.mktemp("stack"))
+    yield running
+    stop_stack(running)

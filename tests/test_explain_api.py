@@ -1,0 +1,213 @@
+"""Asynchronous explanations end to end, over HTTP, with real processes: redis-server,
+`lantern worker` and `lantern serve`."""
+
+from __future__ import annotations
+
+import io
+import time
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import TINY_CLASSES, TINY_SIZE
+from tests.stack_fixtures import Stack, stack  # noqa: F401  (fixture)
+from tests.worker_fixtures import shape_png
+
+pytestmark = pytest.mark.integration
+
+SIZES = [(64, 64), (96, 64), (50, 80)]  # original sizes: square, landscape, portrait
+
+
+def _images() -> list[tuple[str, tuple[str, bytes, str]]]:
+    files = []
+    for i, (w, h) in enumerate(SIZES):
+        data = shape_png(i, size=h, width=w)
+        files.append(("images", (f"shape {i}.png", data, "image/png")))
+    return files
+
+
+def _wait_finished(url: str, job_id: str, timeout: float = 120) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    seen_progress = []
+    while True:
+        status = httpx.get(f"{url}/jobs/{job_id}", timeout=10).json()
+        seen_progress.append(status["progress"]["done"])
+        if status["status"] in ("finished", "failed"):
+            status["_progress_seen"] = seen_progress
+            return status
+        assert time.monotonic() < deadline, f"job still {status['status']} after {timeout}s"
+        time.sleep(0.3)
+
+
+@pytest.fixture(scope="module")
+def finished(stack: Stack) -> dict[str, Any]:  # noqa: F811
+    response = httpx.post(
+        f"{stack.url}/explain",
+        params={"methods": "gradcam,saliency", "targets": "1,,3"},
+        files=_images(),
+        timeout=30,
+    )
+    assert response.status_code == 202, response.text
+    body = response.json()
+    assert body["status"] == "queued" and body["cached"] is False
+    assert body["status_url"] == f"/jobs/{body['job_id']}"
+    status = _wait_finished(stack.url, body["job_id"])
+    assert status["status"] == "finished", status
+    return status
+
+
+def test_a_job_with_three_images_and_two_methods_finishes_with_a_matching_manifest(
+    finished: dict[str, Any],
+) -> None:
+    manifest = finished["manifest"]
+    assert finished["progress"] == {"done": 3, "total": 3}
+    assert finished["error"] is None
+    assert manifest["methods"] == ["gradcam", "saliency"]
+    assert manifest["class_names"] == TINY_CLASSES
+    images = manifest["images"]
+    assert [im["name"] for im in images] == ["00-shape_0", "01-shape_1", "02-shape_2"]
+    assert [im["original_size"] for im in images] == [list(s) for s in SIZES]
+    # requested targets are used; the empty entry falls back to the image's own top class
+    assert images[0]["target"]["index"] == 1 and images[0]["target"]["requested"] is True
+    assert images[1]["target"]["index"] == images[1]["prediction"]["index"]
+    assert images[2]["target"]["index"] == 3
+    for im in images:
+        assert im["prediction"]["label"] in TINY_CLASSES
+        assert set(im["files"]) == {"gradcam", "saliency"}
+        assert set(im["urls"]) == {
+            f"{m}.{k}" for m in ("gradcam", "saliency") for k in ("heatmap", "overlay", "raw")
+        }
+
+
+def test_every_artifact_downloads_with_the_right_type_and_size(
+    stack: Stack,  # noqa: F811
+    finished: dict[str, Any],
+) -> None:
+    for im, size in zip(finished["manifest"]["images"], SIZES, strict=True):
+        for key, url in im["urls"].items():
+            response = httpx.get(stack.url + url, timeout=10)
+            assert response.status_code == 200, (url, response.text)
+            kind = key.split(".", 1)[1]
+            if kind == "raw":
+                assert response.headers["content-type"] == "application/octet-stream"
+                raw = np.load(io.BytesIO(response.content))
+                assert raw.dtype == np.float16 and raw.shape == (TINY_SIZE, TINY_SIZE)
+                continue
+            assert response.headers["content-type"] == "image/png"
+            with Image.open(io.BytesIO(response.content)) as png:
+                png.load()
+                assert png.format == "PNG"
+                expected = size if kind == "overlay" else (TINY_SIZE, TINY_SIZE)
+                assert png.size == expected, (key, png.size)
+
+
+def test_resubmitting_the_same_request_returns_the_finished_job_at_once(
+    stack: Stack,  # noqa: F811
+    finished: dict[str, Any],
+) -> None:
+    response = httpx.post(
+        f"{stack.url}/explain",
+        data={"methods": "saliency,gradcam", "targets": "1,,3"},  # as form fields this time
+        files=_images(),
+        timeout=30,
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["cached"] is True and body["job_id"] == finished["job_id"]
+    assert body["status"] == "finished"
+    assert body["manifest"]["images"] == finished["manifest"]["images"]
+    # a different request is a different job
+    other = httpx.post(
+        f"{stack.url}/explain", params={"methods": "gradcam"}, files=_images()[:1], timeout=30
+    )
+    assert other.status_code == 202 and other.json()["job_id"] != finished["job_id"]
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "needle"),
+    [
+        ("/jobs/ex-" + "0" * 32, 404, "no job"),
+        ("/jobs/not-a-job", 400, "not a job id"),
+        ("/jobs/ex-" + "0" * 31 + "g", 400, "not a job id"),
+        ("/jobs/ex-" + "0" * 32 + "/manifest.json", 404, "no file"),
+    ],
+)
+def test_unknown_and_malformed_job_ids_are_refused(
+    stack: Stack,  # noqa: F811
+    path: str,
+    status: int,
+    needle: str,
+) -> None:
+    response = httpx.get(stack.url + path, timeout=10)
+    assert response.status_code == status, response.text
+    assert needle in response.json()["error"]
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["..%2F..%2Fetc%2Fpasswd", "%2E%2E/secret", "inputs/..%2F..%2Fx", "a/b/c.png", ".hidden"],
+)
+def test_artifact_paths_cannot_leave_the_store(
+    stack: Stack,  # noqa: F811
+    finished: dict[str, Any],
+    name: str,
+) -> None:
+    response = httpx.get(f"{stack.url}/jobs/{finished['job_id']}/{name}", timeout=10)
+    assert response.status_code in (400, 404), response.text
+    assert "root:" not in response.text
+    assert "error" in response.json()
+
+
+@pytest.mark.parametrize(
+    ("params", "files", "status", "needle"),
+    [
+        ({"methods": "gradcam"}, None, 400, "images"),
+        ({"methods": "telepathy"}, "one", 422, "unknown method"),
+        ({"methods": "gradcam", "targets": "1,2"}, "one", 422, "one per image"),
+        ({"methods": "gradcam", "targets": "99"}, "one", 422, "out of range"),
+        ({"layer": "layer4; rm -rf /"}, "one", 422, "not a module name"),
+        ({"methods": "gradcam"}, "bad", 415, "not an image"),
+    ],
+)
+def test_bad_explain_requests_get_a_readable_4xx(
+    stack: Stack,  # noqa: F811
+    params: dict[str, str],
+    files: str | None,
+    status: int,
+    needle: str,
+) -> None:
+    upload = {
+        None: None,
+        "one": [_images()[0]],
+        "bad": [("images", ("notes.png", b"these are not pixels", "image/png"))],
+    }[files]
+    # without images: a multipart form that carries only a text field
+    sent = upload or [("methods", (None, "gradcam"))]
+    response = httpx.post(f"{stack.url}/explain", params=params, files=sent, timeout=30)
+    assert response.status_code == status, response.text
+    assert needle in response.json()["error"]
+
+
+def test_too_many_images_in_one_job_is_refused(stack: Stack) -> None:  # noqa: F811
+    files = [("images", (f"{i}.png", shape_png(i, size=16), "image/png")) for i in range(65)]
+    response = httpx.post(f"{stack.url}/explain", files=files, timeout=30)
+    assert response.status_code == 413, response.text
+    assert "limit is 64" in response.json()["error"]
+
+
+def test_redis_down_gives_503_for_jobs_while_predict_keeps_working(stack: Stack) -> None:  # noqa: F811
+    stack.redis.stop()  # last test of the module: the stack's own Redis goes away
+    response = httpx.post(f"{stack.url}/explain", files=_images()[:1], timeout=30)
+    assert response.status_code == 503, response.text
+    assert "Redis" in response.json()["error"]
+    status = httpx.get(f"{stack.url}/jobs/ex-" + "0" * 32, timeout=30)
+    assert status.status_code == 503 and "unavailable" in status.json()["error"]
+    predicted = httpx.post(
+        f"{stack.url}/predict", files={"image": ("a.png", shape_png(0), "image/png")}, timeout=30
+    )
+    assert predicted.status_code == 200, predicted.text
+    assert predicted.json()["label"] in TINY_CLASSES
+    assert stack.server.process.poll() is None
