@@ -68,7 +68,9 @@ class Settings(BaseSettings):
     )
     max_batch_size: int = Field(32, description="Adaptive batching: largest batch.")
     max_latency_ms: int = Field(
-        2000, description="Adaptive batching: longest a request may wait for its batch."
+        20_000,
+        description="Adaptive batching: longest a request may wait for its batch before it "
+        "is refused with 503 (ResNet-50 on 2 CPU cores needs ~5 s for a batch of 32).",
     )
     ort_threads: int = Field(
         0, description="ONNX Runtime intra-op threads (0: one per physical core)."

@@ -91,7 +91,8 @@ app = FastAPI(
 def current_service() -> Lantern:
     import bentoml
 
-    return bentoml.get_current_service()  # type: ignore[no-any-return]
+    service: Lantern = bentoml.get_current_service()
+    return service
 
 
 TopK = Query(5, ge=1, le=MAX_TOP_K, description="How many of the most probable classes.")

@@ -40,6 +40,12 @@ def decode_image(data: bytes, *, max_pixels: int, name: str = "the upload") -> I
     except Image.DecompressionBombError:
         raise _too_many_pixels(name, None, max_pixels) from None
     except (UnidentifiedImageError, ValueError, SyntaxError, OSError):
+        # Pillow refuses headers that declare a zero dimension; say so rather than "not an image".
+        declared = _declared_size(data)
+        if declared is not None and 0 in declared:
+            raise UnprocessableInput(
+                f"{name} has zero width or height ({declared[0]}x{declared[1]})"
+            ) from None
         # Pillow cannot even read the header: not an image, or a format it is not allowed to use.
         raise UnsupportedMediaType(
             f"{name} is not an image Lantern can read; send a {READABLE} file"
@@ -51,14 +57,14 @@ def decode_image(data: bytes, *, max_pixels: int, name: str = "the upload") -> I
         raise _too_many_pixels(name, (width, height), max_pixels)
     try:
         image.load()  # GIF/TIFF/WebP open on their first frame
-        image = ImageOps.exif_transpose(image) or image
+        upright: Image.Image = ImageOps.exif_transpose(image) or image
     except Image.DecompressionBombError:
         raise _too_many_pixels(name, (width, height), max_pixels) from None
     except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
         raise UnprocessableInput(
             f"{name} could not be decoded: the {image.format} data is truncated or corrupt ({e})"
         ) from None
-    return to_rgb(image)
+    return to_rgb(upright)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -109,3 +115,17 @@ def _too_many_pixels(name: str, size: tuple[int, int] | None, max_pixels: int) -
         f"{name} is too large ({dims}); the limit is {max_pixels:,} pixels. "
         "Downscale the image before sending it."
     )
+
+
+def _declared_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) as a PNG, GIF or BMP header states it, read without Pillow."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) >= 24 and data[12:16] == b"IHDR":
+        width, height = struct.unpack(">II", data[16:24])
+        return int(width), int(height)
+    if data[:6] in (b"GIF87a", b"GIF89a") and len(data) >= 10:
+        width, height = struct.unpack("<HH", data[6:10])
+        return int(width), int(height)
+    if data.startswith(b"BM") and len(data) >= 26:
+        width, height = struct.unpack("<ii", data[18:26])
+        return abs(int(width)), abs(int(height))
+    return None

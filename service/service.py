@@ -121,7 +121,7 @@ class Lantern:
 
         for attempt in range(1, CONNECTION_ATTEMPTS + 1):
             try:
-                return await self.model_service.classify(batch)  # type: ignore[no-any-return]
+                return await self.model_service.classify(batch)
             except ClientConnectionError as e:
                 if attempt == CONNECTION_ATTEMPTS:
                     raise

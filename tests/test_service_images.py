@@ -148,10 +148,12 @@ def test_broken_uploads_are_refused_with_a_status_and_a_reason(
 
 
 def test_zero_sized_images_are_refused() -> None:
-    for width, height in [(0, 10), (10, 0)]:
-        with pytest.raises(InputError) as caught:
-            decode_image(png_header_only(width, height), max_pixels=LIMIT)
-        assert caught.value.status_code in (415, 422)
+    bmp = bytearray(encode(solid("RGB", (4, 4), RED), "BMP"))
+    bmp[18:22] = (0).to_bytes(4, "little")
+    for data in (png_header_only(0, 10), png_header_only(10, 0), bytes(bmp)):
+        with pytest.raises(UnprocessableInput, match="zero width or height") as caught:
+            decode_image(data, max_pixels=LIMIT)
+        assert caught.value.status_code == 422
 
 
 def test_the_pixel_limit_is_a_setting_not_a_constant() -> None:
