@@ -56,7 +56,11 @@ def start_redis(
     ]
     if password:
         args += ["--requirepass", password]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # Its own session: a Ctrl-C meant for `lantern up` must not stop Redis before the
+    # workers have finished with it; the caller stops it last.
+    proc = subprocess.Popen(
+        args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
     client = redis.Redis(host="127.0.0.1", port=port, password=password)
     deadline = time.monotonic() + timeout
     while True:

@@ -92,6 +92,7 @@ def save_bundle(
         "num_classes": len(meta["class_names"]),
         "accuracy": meta.get("metrics", {}).get("accuracy"),
     }
+    summary = {k: v for k, v in summary.items() if v is not None}  # BentoML refuses None
     with bentoml.models.create(name, labels=labels, metadata=summary) as model:
         target = Path(model.path)
         shutil.copyfile(onnx_path, target / ONNX_FILE)

@@ -8,6 +8,8 @@ Torch-free: the work itself happens in the workers; this side speaks the contrac
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,7 +116,7 @@ class Explanations:
     ) -> tuple[dict[str, Any], bool]:
         """(status, created): a new job, or the identical one that exists already."""
         named = [(image_name(filename, i), data) for i, (filename, data) in enumerate(images)]
-        with self._queue_errors():
+        with _queue_errors():
             job_id, created = find_or_enqueue(
                 self.redis,
                 self.store,
@@ -126,13 +128,13 @@ class Explanations:
                 options.activation_layer,
                 self.settings,
             )
-            if created:
-                return {"job_id": job_id, "status": JobStatus.QUEUED}, True
-            return self.status(job_id), False
+        if created:
+            return {"job_id": job_id, "status": JobStatus.QUEUED}, True
+        return self.status(job_id), False
 
     def status(self, job_id: str) -> dict[str, Any]:
         check_job_id_format(job_id)
-        with self._queue_errors():
+        with _queue_errors():
             status = job_status(self.redis, job_id, self.store, self.settings)
         if status is None:
             raise JobNotFound(f"no job {job_id} (unknown, or expired after its time to live)")
@@ -155,28 +157,17 @@ class Explanations:
         content_type = CONTENT_TYPES.get(suffix) or _INPUT_TYPES.get(suffix)
         return self.store.read(job_id, name), content_type or "application/octet-stream"
 
-    def _queue_errors(self) -> _QueueErrors:
-        return _QueueErrors(self.settings.redis_url)
 
-
-class _QueueErrors:
+@contextmanager
+def _queue_errors() -> Iterator[None]:
     """Turn Redis connection trouble into QueueUnavailable (503 at the API edge)."""
-
-    def __init__(self, url: str):
-        self.url = url
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
-        if exc_type is not None and issubclass(
-            exc_type, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError
-        ):
-            raise QueueUnavailable(
-                "the explanation queue (Redis) is unavailable right now; predictions still "
-                "work, explanations will resume when Redis is back — retry in a moment"
-            ) from None
-        return False
+    try:
+        yield
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+        raise QueueUnavailable(
+            "the explanation queue (Redis) is unavailable right now; predictions still "
+            "work, explanations will resume when Redis is back — retry in a moment"
+        ) from None
 
 
 def check_job_id_format(job_id: str) -> None:

@@ -111,7 +111,7 @@ async def explain(
 
 @router.get("/jobs/{job_id}", summary="Status, progress and results of an explanation job")
 async def job(job_id: str) -> dict[str, Any]:
-    return await anyio.to_thread.run_sync(_service().explanations.status, job_id)  # type: ignore[no-any-return]
+    return await anyio.to_thread.run_sync(_service().explanations.status, job_id)
 
 
 @router.get("/jobs/{job_id}/{name:path}", summary="One artifact of a finished job")
