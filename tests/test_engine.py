@@ -251,3 +251,18 @@ def test_folding_batchnorm_keeps_predictions_and_maps(
         torch.testing.assert_close(
             b.results[name].maps / scale, a.results[name].maps / scale, atol=1e-4, rtol=1e-3
         )
+
+
+def test_display_normalisation_can_clip_at_a_quantile() -> None:
+    from workers.engine import normalise
+
+    maps = torch.zeros(2, 10, 10)
+    maps[0, 0, 0] = 1000.0  # one extreme pixel
+    maps[0, 1:, :] = torch.linspace(0, 1, 90).view(9, 10)
+    maps[1] = 3.0  # constant
+    full = normalise(maps)
+    clipped = normalise(maps, quantile=0.9)
+    assert full[0].max() == 1 and full[0, 5].max() < 0.01  # the outlier squashes the rest
+    assert clipped[0, 0, 0] == 1 and clipped.max() <= 1 and clipped.min() >= 0
+    assert clipped[0, 5].max() > 0.4  # the ordinary values stay visible
+    assert torch.equal(clipped[1], torch.zeros(10, 10))

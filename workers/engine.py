@@ -135,13 +135,19 @@ def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     ]
 
 
-def normalise(maps: torch.Tensor) -> torch.Tensor:
-    """Each map scaled to [0, 1] on its own; a constant map becomes all zeros."""
+def normalise(maps: torch.Tensor, quantile: float = 1.0) -> torch.Tensor:
+    """Each map scaled to [0, 1] on its own, between its minimum and its `quantile`
+    (values above it are clipped to 1); a constant map becomes all zeros."""
     flat = maps.flatten(1).float()
-    lo, hi = flat.min(dim=1, keepdim=True).values, flat.max(dim=1, keepdim=True).values
+    lo = flat.min(dim=1, keepdim=True).values
+    if quantile >= 1.0:
+        hi = flat.max(dim=1, keepdim=True).values
+    else:
+        hi = torch.quantile(flat, quantile, dim=1, keepdim=True)
+        hi = torch.where(hi > lo, hi, flat.max(dim=1, keepdim=True).values)
     span = hi - lo
     scaled = torch.where(span > 0, (flat - lo) / span.clamp_min(1e-12), torch.zeros_like(flat))
-    return scaled.view_as(maps)
+    return scaled.clamp_(0.0, 1.0).view_as(maps)
 
 
 def resolve_targets(logits: torch.Tensor, targets: Sequence[int | None] | None) -> torch.Tensor:

@@ -187,9 +187,9 @@ def run_job(
         loaded.model, batch, methods, request.targets, settings.explain_chunk_size, loaded.device
     ):
         maps = {}
-        for method in request.methods:
-            raw = ex.upsampled(method.value)
-            maps[method.value] = (raw, normalise(raw))
+        for method in methods:
+            raw = ex.upsampled(method.name)
+            maps[method.name] = (raw, normalise(raw, method.display_quantile))
         for i in range(start, end):
             entries.append(
                 _render_image(store, job_id, request, loaded, originals[i], i, ex, i - start, maps)

@@ -40,6 +40,9 @@ class ExplanationMethod:
     needs_layer: ClassVar[bool] = False  # wants `layer`'s activations
     needs_layer_gradient: ClassVar[bool] = False  # and their gradients
     needs_input_gradient: ClassVar[bool] = False
+    # Maps are scaled to [0, 1] for display against this quantile of each map, not its
+    # maximum: pixel-level maps are dominated by a few extreme values otherwise.
+    display_quantile: ClassVar[float] = 1.0
 
     def __init__(self, layer: str | None = None):
         if self.needs_layer and not layer:

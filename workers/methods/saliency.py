@@ -8,6 +8,7 @@ from workers.methods.base import ExplanationMethod, MethodResult, PassOutputs
 class Saliency(ExplanationMethod):
     name = "saliency"
     needs_input_gradient = True
+    display_quantile = 0.99
 
     def compute(self, p: PassOutputs) -> MethodResult:
         assert p.input_gradient is not None
