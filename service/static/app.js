@@ -1,0 +1,383 @@
+// Lantern's web page: plain JavaScript against the public API, no build step.
+//
+//   POST predict?top_k=5          the image as file field "image"     -> bars
+//   POST explain                  file field "images" + form fields   -> 202 {job_id, status_url}
+//   GET  jobs/{id}                status, progress, manifest          -> progress bar, results
+//   GET  jobs/{id}/{file}         each artifact                       -> <img> and download links
+//
+// Every failure ends up in the banner as a sentence: the API's {"error": "..."} message,
+// a failed job's reason, or what to do when the service cannot be reached.
+"use strict";
+
+(function () {
+  const TOP_K = 5;
+  const POLL_MS = 500;
+  const SLOW_QUEUE_MS = 15000;
+  const METHOD_NAMES = {
+    gradcam: "Grad-CAM",
+    gradcam_pp: "Grad-CAM++",
+    saliency: "Saliency",
+    activations: "Activations",
+  };
+  const KIND_NAMES = {
+    heatmap: "Heatmap",
+    overlay: "Overlay",
+    grid: "Activation grid",
+    raw: "Raw map (.npy)",
+    channels: "Channels (.npy)",
+  };
+
+  const $ = (id) => document.getElementById(id);
+  const el = {
+    error: $("error"),
+    errorText: $("error-text"),
+    errorClose: $("error-close"),
+    dropzone: $("dropzone"),
+    fileInput: $("file-input"),
+    predictionSection: $("prediction-section"),
+    preview: $("preview"),
+    fileName: $("file-name"),
+    predictStatus: $("predict-status"),
+    topLabel: $("top-label"),
+    bars: $("bars"),
+    modelVersion: $("model-version"),
+    explainSection: $("explain-section"),
+    explainForm: $("explain-form"),
+    explainButton: $("explain-button"),
+    layer: $("layer"),
+    target: $("target"),
+    job: $("job"),
+    jobProgress: $("job-progress"),
+    jobStatus: $("job-status"),
+    resultsSection: $("results-section"),
+    resultsSummary: $("results-summary"),
+    results: $("results"),
+    downloadList: $("download-list"),
+  };
+
+  // Each new image or explanation bumps the generation; stale answers are dropped.
+  let generation = 0;
+  let currentFile = null;
+  let previewUrl = null;
+
+  // --- talking to the API ------------------------------------------------------------------
+
+  class ApiError extends Error {}
+
+  async function api(path, options) {
+    let response;
+    try {
+      response = await fetch(path, options);
+    } catch (e) {
+      throw new ApiError(
+        "Cannot reach the Lantern service. Check that it is running (`lantern up`) and reload the page."
+      );
+    }
+    let body = null;
+    const text = await response.text();
+    try {
+      body = text ? JSON.parse(text) : null;
+    } catch (e) {
+      body = null;
+    }
+    if (!response.ok) {
+      const message = body && typeof body.error === "string" ? body.error : text.slice(0, 200);
+      throw new ApiError(describeStatus(response.status, message));
+    }
+    if (body === null || typeof body !== "object") {
+      throw new ApiError("The service sent an answer this page does not understand.");
+    }
+    return { status: response.status, body: body };
+  }
+
+  function describeStatus(status, message) {
+    // 4xx messages are written for people already: what was wrong and what to do.
+    const detail = message || "no details";
+    if (status === 503) return "Unavailable right now: " + detail;
+    if (status >= 500) return "The service failed (HTTP " + status + "): " + detail;
+    return capitalize(detail);
+  }
+
+  // --- messages ---------------------------------------------------------------------------
+
+  function showError(message) {
+    el.errorText.textContent = message;
+    el.error.hidden = false;
+  }
+
+  function clearError() {
+    el.error.hidden = true;
+    el.errorText.textContent = "";
+  }
+
+  el.errorClose.addEventListener("click", clearError);
+
+  // --- choosing an image ------------------------------------------------------------------
+
+  el.fileInput.addEventListener("change", () => {
+    if (el.fileInput.files && el.fileInput.files.length) chooseFile(el.fileInput.files[0]);
+  });
+
+  ["dragenter", "dragover"].forEach((type) =>
+    el.dropzone.addEventListener(type, (event) => {
+      event.preventDefault();
+      el.dropzone.classList.add("dragging");
+    })
+  );
+  ["dragleave", "drop"].forEach((type) =>
+    el.dropzone.addEventListener(type, () => el.dropzone.classList.remove("dragging"))
+  );
+  el.dropzone.addEventListener("drop", (event) => {
+    event.preventDefault();
+    const files = event.dataTransfer && event.dataTransfer.files;
+    if (files && files.length) chooseFile(files[0]);
+  });
+
+  // A file dropped beside the drop zone must not make the browser navigate away to it.
+  ["dragover", "drop"].forEach((type) => window.addEventListener(type, (event) => event.preventDefault()));
+
+  function chooseFile(file) {
+    generation += 1; // drops the answers of any prediction or job still running
+    currentFile = file;
+    clearError();
+    resetResults();
+    el.explainButton.disabled = false;
+    el.explainSection.hidden = true;
+    if (previewUrl) URL.revokeObjectURL(previewUrl);
+    previewUrl = URL.createObjectURL(file);
+    el.preview.hidden = false;
+    el.preview.onerror = () => {
+      el.preview.hidden = true;
+    };
+    el.preview.src = previewUrl;
+    el.fileName.textContent = file.name + " · " + formatBytes(file.size);
+    el.predictionSection.hidden = false;
+    predict(file, generation);
+  }
+
+  async function predict(file, gen) {
+    el.predictStatus.textContent = "Asking the model…";
+    el.topLabel.textContent = "";
+    el.bars.replaceChildren();
+    el.modelVersion.textContent = "";
+    const form = new FormData();
+    form.append("image", file, file.name);
+    try {
+      const { body } = await api("predict?top_k=" + TOP_K, { method: "POST", body: form });
+      if (gen !== generation) return;
+      el.predictStatus.textContent = "";
+      showPrediction(body);
+      el.explainSection.hidden = false;
+    } catch (e) {
+      if (gen !== generation) return;
+      el.predictionSection.hidden = true; // the banner says why
+      showError(e.message);
+    }
+  }
+
+  function showPrediction(p) {
+    el.topLabel.textContent = p.label + " · " + percent(p.probability);
+    el.bars.replaceChildren(
+      ...p.top_k.map((entry) => {
+        const li = document.createElement("li");
+        li.className = "bar";
+        li.dataset.classIndex = String(entry.class_index);
+        const name = document.createElement("span");
+        name.className = "bar-label";
+        name.textContent = entry.label;
+        const track = document.createElement("span");
+        track.className = "bar-track";
+        track.setAttribute("aria-hidden", "true");
+        const fill = document.createElement("span");
+        fill.className = "bar-fill";
+        fill.style.width = Math.max(0.5, entry.probability * 100).toFixed(1) + "%";
+        track.append(fill);
+        const value = document.createElement("span");
+        value.className = "bar-value";
+        value.textContent = percent(entry.probability);
+        li.append(name, track, value);
+        return li;
+      })
+    );
+    el.modelVersion.textContent = "model version " + p.model_version;
+    el.target.replaceChildren(new Option("the top prediction (" + p.label + ")", ""));
+    p.top_k.forEach((entry) =>
+      el.target.append(new Option(entry.label + " (" + percent(entry.probability) + ")", entry.class_index))
+    );
+  }
+
+  // --- explaining -------------------------------------------------------------------------
+
+  el.explainForm.addEventListener("submit", (event) => {
+    event.preventDefault();
+    if (!currentFile) return;
+    const methods = Array.from(el.explainForm.querySelectorAll('input[name="methods"]:checked')).map(
+      (input) => input.value
+    );
+    if (!methods.length) {
+      showError("Choose at least one explanation method.");
+      return;
+    }
+    generation += 1;
+    explain(currentFile, methods, el.layer.value, el.target.value, generation);
+  });
+
+  async function explain(file, methods, layer, target, gen) {
+    clearError();
+    resetResults();
+    el.explainButton.disabled = true;
+    setProgress("Sending the image…", 0, 1);
+    const form = new FormData();
+    form.append("images", file, file.name);
+    form.append("methods", methods.join(","));
+    form.append("layer", layer);
+    if (target !== "") form.append("targets", target);
+    try {
+      const { body } = await api("explain", { method: "POST", body: form });
+      if (gen !== generation) return;
+      const status = body.status === "finished" ? body : await waitForJob(body, gen);
+      if (status === null) return; // superseded
+      showResults(status.manifest, status.job_id || status.id, body.cached);
+      el.job.hidden = true;
+    } catch (e) {
+      if (gen !== generation) return;
+      el.job.hidden = true;
+      showError(e.message);
+    } finally {
+      if (gen === generation) el.explainButton.disabled = false;
+    }
+  }
+
+  async function waitForJob(submitted, gen) {
+    const url = submitted.status_url.replace(/^\//, "");
+    const started = Date.now();
+    let status = submitted;
+    for (;;) {
+      if (status.status === "finished") return status;
+      if (status.status === "failed") {
+        throw new ApiError("The explanation failed: " + (status.error || "no reason given"));
+      }
+      const progress = status.progress || { done: 0, total: 1 };
+      if (status.status === "queued") {
+        const slow = Date.now() - started > SLOW_QUEUE_MS;
+        setProgress(
+          slow ? "Queued — still waiting for a worker; is `lantern worker` running?" : "Queued — waiting for a worker…",
+          0,
+          progress.total || 1
+        );
+      } else {
+        setProgress(
+          "Computing: " + progress.done + " of " + progress.total + " image(s) done…",
+          progress.done,
+          progress.total || 1
+        );
+      }
+      await sleep(POLL_MS);
+      if (gen !== generation) return null;
+      status = (await api(url)).body;
+      if (gen !== generation) return null;
+    }
+  }
+
+  function setProgress(text, done, total) {
+    el.job.hidden = false;
+    el.jobProgress.max = total;
+    el.jobProgress.value = done;
+    el.jobStatus.textContent = text;
+  }
+
+  // --- results ----------------------------------------------------------------------------
+
+  function resetResults() {
+    el.results.replaceChildren();
+    el.downloadList.replaceChildren();
+    el.resultsSection.hidden = true;
+    el.job.hidden = true;
+  }
+
+  function showResults(manifest, jobId, cached) {
+    if (!manifest || !manifest.images || !manifest.images.length) {
+      throw new ApiError("The job finished but sent no results.");
+    }
+    const image = manifest.images[0];
+    const urls = image.urls || {};
+    const t = image.target;
+    el.resultsSummary.textContent =
+      "Explaining “" + t.label + "” (" + percent(t.probability) + ") at " + manifest.layer +
+      (cached ? " · answered from an earlier identical request" : "") + " · job " + jobId;
+    el.results.replaceChildren(
+      ...manifest.methods.map((method) => {
+        const row = document.createElement("article");
+        row.className = "result";
+        row.dataset.method = method;
+        const heading = document.createElement("h3");
+        heading.textContent = METHOD_NAMES[method] || method;
+        if (method === "activations") {
+          heading.textContent += " (" + (manifest.activation_layer || manifest.layer) + ")";
+        }
+        const grid = document.createElement("div");
+        grid.className = "result-images";
+        grid.append(figure(previewUrl, "Original", "The image you chose"));
+        ["heatmap", "overlay", "grid"].forEach((kind) => {
+          const url = urls[method + "." + kind];
+          if (url) {
+            grid.append(figure(url, KIND_NAMES[kind], (METHOD_NAMES[method] || method) + " " + kind));
+          }
+        });
+        row.append(heading, grid);
+        return row;
+      })
+    );
+    el.downloadList.replaceChildren(
+      ...Object.keys(urls)
+        .sort()
+        .map((key) => {
+          const li = document.createElement("li");
+          const a = document.createElement("a");
+          a.href = urls[key];
+          a.download = urls[key].split("/").pop();
+          const [method, kind] = key.split(".");
+          a.textContent = (METHOD_NAMES[method] || method) + " — " + (KIND_NAMES[kind] || kind);
+          li.append(a);
+          return li;
+        })
+    );
+    el.resultsSection.hidden = false;
+  }
+
+  function figure(src, caption, alt) {
+    const fig = document.createElement("figure");
+    const img = document.createElement("img");
+    img.src = src;
+    img.alt = alt;
+    img.loading = "eager";
+    img.addEventListener("error", () => {
+      fig.classList.add("broken");
+      showError("Could not load " + caption.toLowerCase() + " from " + src + ".");
+    });
+    const cap = document.createElement("figcaption");
+    cap.textContent = caption;
+    fig.append(img, cap);
+    return fig;
+  }
+
+  // --- small helpers ----------------------------------------------------------------------
+
+  function capitalize(text) {
+    return text.charAt(0).toUpperCase() + text.slice(1);
+  }
+
+  function percent(p) {
+    return (p * 100).toFixed(p >= 0.1 ? 1 : 2) + "%";
+  }
+
+  function formatBytes(n) {
+    if (n < 1024) return n + " B";
+    if (n < 1024 * 1024) return (n / 1024).toFixed(1) + " KB";
+    return (n / 1024 / 1024).toFixed(1) + " MB";
+  }
+
+  function sleep(ms) {
+    return new Promise((resolve) => setTimeout(resolve, ms));
+  }
+})();

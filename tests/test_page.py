@@ -1,0 +1,161 @@
+"""The web page at / in a real headless Chromium (Debian's, driven by Playwright), against
+real redis-server, `lantern worker` and `lantern serve` processes: upload a generated
+image, see the prediction bars, ask for explanations, wait for every image to load; a file
+that is not an image, and Redis going away, end as readable messages.
+
+The browser is Debian's `chromium` package (`.ci/run` installs it; see the README's
+"Browser tests"): Playwright's own browser downloads do not work offline.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from models.data import draw_shape
+from tests.conftest import TINY_CLASSES
+from tests.stack_fixtures import Stack, stack  # noqa: F401  (fixture)
+
+pytestmark = [pytest.mark.integration, pytest.mark.browser]
+
+CHROMIUM = os.environ.get("LANTERN_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+TIMEOUT_MS = 60_000
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(
+            f"no Chromium at {CHROMIUM}: install Debian's package "
+            "(apt-get install chromium; .ci/run does) or set LANTERN_CHROMIUM"
+        )
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser: Any, stack: Stack) -> Iterator[Any]:  # noqa: F811
+    context = browser.new_context(viewport={"width": 1200, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    page.errors = []  # uncaught script errors: none may happen
+    page.on("pageerror", lambda e: page.errors.append(str(e)))
+    page.goto(stack.url + "/")
+    yield page
+    context.close()
+
+
+def shape_file(index: int, size: int = 96) -> dict[str, Any]:
+    buf = io.BytesIO()
+    draw_shape(index, size=size).image.save(buf, "PNG")
+    return {"name": f"shape-{index}.png", "mimeType": "image/png", "buffer": buf.getvalue()}
+
+
+def test_the_page_predicts_and_explains_an_uploaded_image(
+    page: Any,
+    stack: Stack,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    image = shape_file(2)
+    expected = httpx.post(
+        stack.url + "/predict", files={"image": (image["name"], image["buffer"])}, timeout=30
+    ).json()
+
+    page.set_input_files("#file-input", files=[image])
+    page.wait_for_selector("#bars li")
+    bars = page.locator("#bars li")
+    assert bars.count() == len(TINY_CLASSES)
+    assert [bars.nth(i).locator(".bar-label").inner_text() for i in range(bars.count())] == [
+        e["label"] for e in expected["top_k"]
+    ]
+    assert page.inner_text("#top-label").startswith(expected["label"])
+    widths = page.eval_on_selector_all(
+        "#bars .bar-fill", "fills => fills.map(f => f.getBoundingClientRect().width)"
+    )
+    assert widths == sorted(widths, reverse=True) and widths[0] > widths[-1] > 0
+
+    page.check('input[name="methods"][value="activations"]')
+    page.select_option("#layer", "layer3")
+    page.evaluate(
+        """() => {
+            window.statusSeen = [];
+            new MutationObserver(() => window.statusSeen.push(
+                document.getElementById("job-status").textContent
+            )).observe(document.getElementById("job-status"), {childList: true});
+        }"""
+    )
+    page.click("#explain-button")
+    page.wait_for_selector("#results-section:not([hidden])")
+    seen = page.evaluate("window.statusSeen")
+    assert any(text.startswith("Queued") for text in seen), seen  # the job's progress
+    assert page.locator("#job").is_hidden()  # and gone once the results are in
+    page.wait_for_function(
+        "() => Array.from(document.querySelectorAll('#results img'))"
+        ".every(img => img.complete && img.naturalWidth > 0)"
+    )
+    assert page.locator("#error").is_hidden()
+    captions = {
+        method: page.locator(f'.result[data-method="{method}"] figcaption').all_inner_texts()
+        for method in ("gradcam", "activations")
+    }
+    assert captions == {
+        "gradcam": ["Original", "Heatmap", "Overlay"],
+        "activations": ["Original", "Heatmap", "Overlay", "Activation grid"],
+    }
+    assert "layer3" in page.inner_text("#results-summary")
+    links = page.eval_on_selector_all("#download-list a", "links => links.map(a => a.href)")
+    names = sorted(link.rsplit(".", 2)[-2] + "." + link.rsplit(".", 1)[-1] for link in links)
+    assert len(links) == 3 + 5  # gradcam: heatmap, overlay, raw; activations: + grid, channels
+    assert names.count("heatmap.png") == 2 and "grid.png" in names
+    for link in links:
+        assert httpx.get(link, timeout=10).status_code == 200, link
+    page.screenshot(path=str(tmp_path / "page-with-results.png"), full_page=True)
+    assert page.errors == []
+
+
+def test_a_file_that_is_not_an_image_shows_the_servers_message(page: Any) -> None:
+    page.set_input_files(
+        "#file-input",
+        files=[{"name": "notes.png", "mimeType": "image/png", "buffer": b"just some text"}],
+    )
+    banner = page.wait_for_selector("#error:not([hidden])")
+    text = banner.inner_text()
+    assert "notes.png" in text and "not an image" in text, text
+    assert page.locator("#explain-section").is_hidden()
+    assert page.errors == []
+
+
+def test_explanations_while_redis_is_down_show_a_readable_message(
+    page: Any,
+    stack: Stack,  # noqa: F811
+) -> None:
+    # Last in this module: it stops the stack's Redis.
+    stack.redis.stop()
+    page.set_input_files("#file-input", files=[shape_file(1)])
+    page.wait_for_selector("#bars li")  # predictions work without Redis
+    page.click("#explain-button")
+    text = page.wait_for_selector("#error:not([hidden])").inner_text()
+    assert "unavailable" in text.lower() and "redis" in text.lower(), text
+    assert page.locator("#results-section").is_hidden()
+    assert not page.locator("#explain-button").is_disabled()  # ready to try again
+    assert page.errors == []
