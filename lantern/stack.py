@@ -97,7 +97,7 @@ class Stack:
             f"  web page      {base}/\n"
             f"  predict       curl -F image=@cat.jpg {base}/predict\n"
             f"  explain       curl -F images=@cat.jpg -F methods=gradcam {base}/explain\n"
-            f"  API docs      {base}/docs\n"
+            f"  API docs      {base}/docs  (OpenAPI: {base}/docs.json)\n"
             f"  metrics       {base}/metrics\n"
             f"  redis         {env.get('REDIS_URL') or env.get('LANTERN_REDIS_URL')}\n"
             f"  artifacts     {env['LANTERN_ARTIFACT_DIR']}\n"

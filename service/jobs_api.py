@@ -134,6 +134,12 @@ async def page() -> Response:
     return _static("index.html")
 
 
+@router.get("/docs", include_in_schema=False)
+async def docs() -> Response:
+    """Swagger UI for /docs.json (BentoML's own UI lived at /, where the page is now)."""
+    return _static("docs.html")
+
+
 @router.get("/static/{name}", include_in_schema=False)
 async def static(name: str) -> Response:
     return _static(name)

@@ -198,6 +198,24 @@ def test_too_many_images_in_one_job_is_refused(stack: Stack) -> None:  # noqa: F
     assert "limit is 64" in response.json()["error"]
 
 
+def test_the_page_and_the_api_docs_are_served(stack: Stack) -> None:  # noqa: F811
+    page = httpx.get(f"{stack.url}/", timeout=10)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "<title>" in page.text and "Lantern" in page.text
+    docs = httpx.get(f"{stack.url}/docs", timeout=10)
+    assert (
+        docs.status_code == 200
+        and "/docs.json" in httpx.get(f"{stack.url}/static/docs.js", timeout=10).text
+    )
+    for asset in ("/static_content/swagger-ui-bundle.js", "/static_content/swagger-ui.css"):
+        assert httpx.get(stack.url + asset, timeout=10).status_code == 200, asset
+    spec = httpx.get(f"{stack.url}/docs.json", timeout=10).json()
+    for path in ("/predict", "/predict_batch", "/explain", "/jobs/{job_id}"):
+        assert path in spec["paths"], path
+    missing = httpx.get(f"{stack.url}/static/..%2Fservice.py", timeout=10)
+    assert missing.status_code == 404
+
+
 def test_redis_down_gives_503_for_jobs_while_predict_keeps_working(stack: Stack) -> None:  # noqa: F811
     stack.redis.stop()  # last test of the module: the stack's own Redis goes away
     response = httpx.post(f"{stack.url}/explain", files=_images()[:1], timeout=30)
