@@ -95,6 +95,17 @@ def load_weights(model: nn.Module, path: Path, architecture: str) -> None:
         ) from None
 
 
+def resolve_device(name: str) -> torch.device:
+    """ "auto" -> cuda when PyTorch sees a GPU, else cpu; "cuda" without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda"):
+        raise UsageError(f"unknown device {name!r}; choose auto, cpu or cuda")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("device cuda was asked for, but PyTorch sees no CUDA GPU; use auto or cpu")
+    return torch.device(name)
+
+
 def set_train_mode(model: nn.Module, mode: str) -> None:
     """Freeze everything that `mode` does not train."""
     if mode not in TRAIN_MODES:

@@ -27,7 +27,12 @@ from tqdm import tqdm
 from lantern.errors import UsageError
 from models import data as datasets
 from models.checkpoint import save_checkpoint
-from models.network import build_model, freeze_batchnorm_statistics, trainable_parameter_names
+from models.network import (
+    build_model,
+    freeze_batchnorm_statistics,
+    resolve_device,
+    trainable_parameter_names,
+)
 from models.preprocess import PreprocessSpec
 
 log = logging.getLogger(__name__)
@@ -231,16 +236,6 @@ def _tqdm_opts() -> dict[str, Any]:
 
 
 # --- the run ----------------------------------------------------------------------------
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for, but PyTorch sees no CUDA GPU")
-    if name not in ("cpu", "cuda"):
-        raise UsageError(f"unknown device {name!r}; choose auto, cpu or cuda")
-    return torch.device(name)
 
 
 def make_optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:

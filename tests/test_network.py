@@ -88,3 +88,16 @@ def test_unknown_architecture_mode_and_class_count_are_usage_errors() -> None:
         build_model("resnet18", 4, weights="none", train_mode="everything")
     with pytest.raises(UsageError, match="at least 2 classes"):
         build_model("resnet18", 1, weights="none")
+
+
+def test_device_names_resolve_or_say_what_to_use() -> None:
+    from models.network import resolve_device
+
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+    assert resolve_device("cpu").type == "cpu"
+    with pytest.raises(UsageError, match="choose auto, cpu or cuda"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(UsageError, match="no CUDA GPU"):
+            resolve_device("cuda")

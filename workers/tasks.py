@@ -25,12 +25,12 @@ import torch
 from PIL import Image, ImageOps
 from torch import nn
 
-from lantern.errors import JobError, LanternError, ModelError
+from lantern.errors import JobError, LanternError
 from lantern.jobs import META_ERROR, META_PROGRESS, ExplainRequest, Method, parse_request
 from lantern.settings import Settings, get_settings
 from lantern.store import ArtifactStore, open_store, write_manifest
 from models.bundle import Bundle, load_bundle
-from models.network import build_model, load_weights
+from models.network import build_model, load_weights, resolve_device
 from models.preprocess import PreprocessSpec
 from workers import render
 from workers.engine import Explanation, explain_in_chunks, fold_batchnorm, normalise
@@ -75,17 +75,6 @@ def configure(settings: Settings | None = None, device: str | None = None) -> No
 def current_settings() -> Settings:
     settings: Settings = _configured.get("settings") or get_settings()
     return settings
-
-
-def resolve_device(name: str) -> torch.device:
-    """ "auto" -> cuda when available, else cpu."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ModelError("LANTERN_DEVICE=cuda but no CUDA device is available; use auto or cpu")
-    if name not in ("cpu", "cuda"):
-        raise ModelError(f"unknown device {name!r}; choose auto, cpu or cuda")
-    return torch.device(name)
 
 
 def get_model(tag: str, device: torch.device | None = None) -> LoadedModel:
