@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -67,8 +68,18 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 
 def posts(stack: Stack, path: str) -> int:  # noqa: F811
-    """Requests to `path` the server has answered so far (its access log)."""
-    return stack.server.log_text().count(f"method=POST,path={path},")
+    """Requests to `path` the server has answered so far (its access log).
+
+    The server writes an access line after it has sent the response, so a count taken
+    right after a request can miss it: read until two reads 0.25 s apart agree.
+    """
+    count = -1
+    while True:
+        time.sleep(0.25)
+        now = stack.server.log_text().count(f"method=POST,path={path},")
+        if now == count:
+            return now
+        count = now
 
 
 @pytest.fixture(scope="module")
