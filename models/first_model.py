@@ -50,7 +50,7 @@ def demo_config(out_dir: Path) -> TrainConfig:
         arch="resnet18",
         weights="none",
         mode="all",
-        epochs=5,
+        epochs=4,
         batch_size=32,
         lr=0.002,
         optimizer="adamw",
