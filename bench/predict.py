@@ -6,7 +6,7 @@ Registers a ResNet-50 (random weights, 10 classes, 224 px) in a temporary BENTOM
 so the user's model store is never touched; measures ONNX Runtime and torch-eager
 throughput at batch 1, 8 and 32; starts `lantern serve` on a free loopback port and
 measures POST /predict throughput and p50/p99 latency at concurrency 1, 8 and 32 with
-closed-loop clients; prints one table. Takes about 5-8 minutes on 2 CPU cores.
+closed-loop clients; prints one table. Takes about 3 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -150,8 +150,8 @@ def start_server(tag: str, port: int, log_path: Path) -> subprocess.Popen[bytes]
     import httpx
 
     env = {**os.environ, "LANTERN_MODEL": tag}
-    # A batch of 32 ResNet-50 images takes seconds on a small CPU; a request may wait for
-    # the batch ahead of it and then its own, so the batching deadline must allow both.
+    # A batch of 32 ResNet-50 images takes seconds on a small CPU, and a request may wait
+    # for the batch ahead of it to finish before its own starts.
     env.setdefault("LANTERN_MAX_LATENCY_MS", "20000")
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
@@ -175,16 +175,14 @@ def start_server(tag: str, port: int, log_path: Path) -> subprocess.Popen[bytes]
 
 
 def batch_counters(metrics: str) -> tuple[float, float]:
-    """(sum, count) of the model service's adaptive batch-size histogram."""
+    """(sum, count) of the service's lantern_batch_size histogram (images per model call)."""
     total = count = 0.0
     for line in metrics.splitlines():
-        if 'service_name="lantern-model"' not in line or "adaptive_batch_size" not in line:
-            continue
-        m = re.match(r"(\S+?)(_sum|_count)\{.*\}\s+(\S+)$", line)
-        if m and m.group(2) == "_sum":
-            total += float(m.group(3))
-        elif m and m.group(2) == "_count":
-            count += float(m.group(3))
+        m = re.match(r"lantern_batch_size(_sum|_count)(?:\{.*\})?\s+(\S+)$", line)
+        if m and m.group(1) == "_sum":
+            total += float(m.group(2))
+        elif m and m.group(1) == "_count":
+            count += float(m.group(2))
     return total, count
 
 
@@ -224,9 +222,8 @@ def bench_service(tag: str, requests: dict[int, int], log_path: Path) -> list[Lo
     url = f"http://127.0.0.1:{port}"
     images = make_jpegs(16)
     try:
-        # Warm-up: BentoML's batching optimiser trains on its first dozen batches. Lightly
-        # loaded, so the concurrency-1 run does not inherit long batching waits (see
-        # BENCHMARKS.md: the optimiser's wait estimate decays slowly after heavy load).
+        # Warm-up: the first requests pay for thread pools, allocator growth and
+        # ONNX Runtime's first batched shapes.
         asyncio.run(load(url, images, 4, 32))
         return [asyncio.run(load(url, images, c, requests[c])) for c in CONCURRENCY]
     finally:

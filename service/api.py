@@ -9,16 +9,15 @@ app owns request parsing, so every bad upload gets a 4xx with a JSON body
 from __future__ import annotations
 
 import logging
-from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
-from bentoml.exceptions import BentoMLException
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from lantern.errors import InputError
+from service.batcher import Overloaded
 from service.jobs_api import register_error_handlers
 from service.jobs_api import router as jobs_router
 from service.uploads import read_uploads
@@ -158,17 +157,11 @@ async def _invalid_parameter(_: Request, exc: RequestValidationError) -> JSONRes
     return JSONResponse({"error": "invalid parameter " + "; ".join(problems)}, status_code=422)
 
 
-@app.exception_handler(BentoMLException)
-async def _model_service_error(_: Request, exc: BentoMLException) -> JSONResponse:
-    """LanternModel answered with an error: overloaded (503) or failed (logged, 500)."""
-    if exc.error_code == HTTPStatus.SERVICE_UNAVAILABLE:
-        return JSONResponse(
-            {"error": "the model is overloaded right now; retry in a moment"}, status_code=503
-        )
-    log.error("the model service failed: %s", exc)
+@app.exception_handler(Overloaded)
+async def _overloaded(_: Request, exc: Overloaded) -> JSONResponse:
+    """The request waited too long for the model (LANTERN_MAX_LATENCY_MS), or shutdown."""
     return JSONResponse(
-        {"error": "internal error while answering the request; see the server log"},
-        status_code=500,
+        {"error": "the model is overloaded right now; retry in a moment"}, status_code=503
     )
 
 

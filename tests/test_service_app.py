@@ -1,13 +1,14 @@
 """The Lantern ASGI app in-process (no server process): routes, answers and error bodies.
 
-The model dependency is a local LanternModel instance here (no adaptive batching, which
-needs `bentoml serve`; see test_service_server.py).
+The service's micro-batcher runs here as it does under `bentoml serve`; batching under
+concurrent load and /metrics are checked against a real server (test_service_server.py).
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -31,7 +32,7 @@ def client(tiny_bundle) -> Iterator[TestClient]:  # type: ignore[no-untyped-def]
     os.environ["LANTERN_MAX_UPLOAD_BYTES"] = "200000"
     get_settings.cache_clear()
     service = importlib.import_module("service.service")
-    assert str(service.LanternModel.inner.model.tag) == tiny_bundle.tag, "imported too early"
+    assert str(service.Lantern.inner.model.tag) == tiny_bundle.tag, "imported too early"
     try:
         with TestClient(service.Lantern.to_asgi(), raise_server_exceptions=False) as c:
             yield c
@@ -200,3 +201,37 @@ def test_probes_metrics_and_openapi_docs(client: TestClient, tiny_bundle) -> Non
         assert "multipart/form-data" in operation["requestBody"]["content"]
         assert {"200", "400", "413", "415", "422"} <= set(operation["responses"])
     assert client.get("/").status_code == 200  # the Swagger UI page
+
+
+def test_an_overloaded_model_answers_503_with_a_json_error(client: TestClient) -> None:
+    import threading
+
+    import bentoml
+
+    from service.batcher import MicroBatcher
+
+    lantern = bentoml.get_current_service()
+    release = threading.Event()
+
+    def busy_model(batch: np.ndarray) -> np.ndarray:
+        release.wait(10)
+        return np.asarray(lantern.probabilities(batch))
+
+    saved = lantern.batcher
+    lantern.batcher = MicroBatcher(busy_model, max_batch_size=4, max_queue_wait_s=0.2)
+    first: dict[str, Any] = {}
+    running = threading.Thread(
+        target=lambda: first.update(r=client.post("/predict", files={"image": ("a.png", png())}))
+    )
+    try:
+        running.start()
+        time.sleep(0.5)  # the first request now holds the model
+        r = client.post("/predict", files={"image": ("b.png", png())})
+        assert r.status_code == 503, r.text
+        assert set(r.json()) == {"error"} and "overloaded" in r.json()["error"]
+    finally:
+        release.set()
+        running.join(10)
+        client.portal.call(lantern.batcher.aclose)  # type: ignore[union-attr]
+        lantern.batcher = saved
+    assert first["r"].status_code == 200, first["r"].text

@@ -25,8 +25,8 @@ def run(args: argparse.Namespace) -> int:
     from lantern.settings import get_settings
     from models.bundle import load_bundle
 
-    # Pin "latest" to a concrete version here, once: the API and model processes then load
-    # the same bundle even if a new version is registered while they start.
+    # Pin "latest" to a concrete version here, once: every server worker then loads the
+    # same bundle even if a new version is registered while they start.
     bundle = load_bundle(args.model or get_settings().model)
     env = {**os.environ, "LANTERN_MODEL": bundle.tag, "BENTOML_DO_NOT_TRACK": "true"}
     command = [

@@ -1,0 +1,188 @@
+"""Micro-batching: concurrent requests share one model call, without waiting to fill it.
+
+One consumer task owns the model. Whenever the model is free it takes everything queued
+(up to `max_batch_size` images, whole requests only) and runs it in a worker thread. There
+is no waiting heuristic: a lone request runs at once, and under load the next batch
+collects by itself while the current one runs. A request that sits in the queue longer
+than `max_queue_wait_s` is refused with `Overloaded` (the API answers 503), so an
+overloaded service sheds load instead of piling up work nobody waits for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import anyio
+import numpy as np
+
+log = logging.getLogger("lantern.service.batcher")
+
+RunBatch = Callable[[np.ndarray], np.ndarray]
+"""The model: outputs (N, ...) for inputs (N, ...), row i answering input i."""
+
+ObserveBatch = Callable[[int, list[float]], None]
+"""Called once per batch with its image count and each request's queue wait in seconds."""
+
+
+class Overloaded(Exception):
+    """The request could not be started in time (or the service is shutting down)."""
+
+
+@dataclass(eq=False)
+class _Request:
+    inputs: np.ndarray
+    future: asyncio.Future[np.ndarray]
+    enqueued: float
+    expiry: asyncio.TimerHandle | None = field(default=None, repr=False)
+
+    @property
+    def size(self) -> int:
+        return int(self.inputs.shape[0])
+
+
+class MicroBatcher:
+    """Feeds `run` with batches of the requests queued while it was busy."""
+
+    def __init__(
+        self,
+        run: RunBatch,
+        *,
+        max_batch_size: int,
+        max_queue_wait_s: float,
+        observe: ObserveBatch | None = None,
+    ) -> None:
+        if max_batch_size < 1 or max_queue_wait_s <= 0:
+            raise ValueError("max_batch_size must be >= 1 and max_queue_wait_s > 0")
+        self.run = run
+        self.max_batch_size = max_batch_size
+        self.max_queue_wait_s = max_queue_wait_s
+        self.observe = observe
+        self._queue: deque[_Request] = deque()
+        self._queued = asyncio.Event()
+        self._consumer: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+
+    async def submit(self, inputs: np.ndarray) -> np.ndarray:
+        """The model's outputs for `inputs` (N, ...); more than a batch is split up.
+
+        Raises Overloaded when the request waited too long to start, and whatever the
+        model raised when the batch it ran in failed.
+        """
+        if inputs.shape[0] > self.max_batch_size:
+            chunks = [
+                inputs[i : i + self.max_batch_size]
+                for i in range(0, inputs.shape[0], self.max_batch_size)
+            ]
+            return np.concatenate(await asyncio.gather(*(self.submit(c) for c in chunks)))
+        if self._closed:
+            raise Overloaded("the service is shutting down")
+        loop = self._start_consumer()
+        request = _Request(inputs, loop.create_future(), loop.time())
+        request.expiry = loop.call_later(self.max_queue_wait_s, self._expire, request)
+        self._queue.append(request)
+        self._queued.set()
+        try:
+            return await request.future
+        finally:
+            # Normally already gone; still queued when this caller was cancelled (the
+            # client went away), so the model does not work for nobody.
+            self._drop(request)
+
+    async def aclose(self) -> None:
+        """Refuse new requests, fail the queued ones, and let the running batch finish."""
+        self._closed = True
+        while self._queue:
+            request = self._queue.popleft()
+            self._settle(request, error=Overloaded("the service is shutting down"))
+        self._queued.set()  # wakes an idle consumer, which then sees it is closed
+        if self._consumer is not None:
+            await asyncio.wait([self._consumer])
+            self._consumer = None
+
+    def _start_consumer(self) -> asyncio.AbstractEventLoop:
+        loop = asyncio.get_running_loop()
+        if self._consumer is None or self._consumer.done() or self._loop is not loop:
+            # A new event loop (e.g. a second test client) needs its own consumer and event.
+            self._loop = loop
+            self._queued = asyncio.Event()
+            if self._queue:
+                self._queued.set()
+            self._consumer = loop.create_task(self._consume(), name="lantern-batcher")
+        return loop
+
+    async def _consume(self) -> None:
+        while not self._closed:
+            await self._queued.wait()
+            batch = self._take()
+            if batch:
+                await self._run(batch)
+
+    def _take(self) -> list[_Request]:
+        """The queued requests, oldest first, that fit in one batch (at least one)."""
+        batch: list[_Request] = []
+        images = 0
+        while self._queue and (not batch or images + self._queue[0].size <= self.max_batch_size):
+            request = self._queue.popleft()
+            if request.expiry is not None:
+                request.expiry.cancel()
+            batch.append(request)
+            images += request.size
+        if not self._queue:
+            self._queued.clear()
+        return batch
+
+    async def _run(self, batch: list[_Request]) -> None:
+        inputs = [r.inputs for r in batch]
+        if self.observe is not None:
+            now = asyncio.get_running_loop().time()
+            try:
+                self.observe(sum(r.size for r in batch), [now - r.enqueued for r in batch])
+            except Exception:  # metrics must never stop the model
+                log.exception("recording batch metrics failed")
+        try:
+            outputs = await anyio.to_thread.run_sync(self._run_concatenated, inputs)
+        except Exception as e:  # the model failed: every request of this batch hears it
+            log.error("a batch of %d request(s) failed: %r", len(batch), e)
+            for request in batch:
+                self._settle(request, error=e)
+            return
+        offsets = np.cumsum([r.size for r in batch])[:-1]
+        for request, rows in zip(batch, np.split(outputs, offsets), strict=True):
+            self._settle(request, result=rows)
+
+    def _run_concatenated(self, inputs: list[np.ndarray]) -> np.ndarray:
+        batch = inputs[0] if len(inputs) == 1 else np.concatenate(inputs)
+        outputs = self.run(batch)
+        if outputs.shape[0] != batch.shape[0]:
+            raise RuntimeError(f"the model answered {outputs.shape[0]} rows for {batch.shape[0]}")
+        return outputs
+
+    def _expire(self, request: _Request) -> None:
+        if request in self._queue:
+            self._queue.remove(request)
+            waited = self.max_queue_wait_s * 1000
+            self._settle(request, error=Overloaded(f"not started within {waited:.0f} ms"))
+
+    def _drop(self, request: _Request) -> None:
+        if request.expiry is not None:
+            request.expiry.cancel()
+        if request in self._queue:
+            self._queue.remove(request)
+
+    @staticmethod
+    def _settle(
+        request: _Request, *, result: np.ndarray | None = None, error: BaseException | None = None
+    ) -> None:
+        if request.expiry is not None:
+            request.expiry.cancel()
+        if request.future.done():  # the caller gave up (cancelled) meanwhile
+            return
+        if error is not None:
+            request.future.set_exception(error)
+        elif result is not None:
+            request.future.set_result(result)

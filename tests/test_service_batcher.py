@@ -1,0 +1,176 @@
+"""The micro-batcher alone: batching without waiting, routing, errors, overload, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from service.batcher import MicroBatcher, Overloaded
+
+
+class Model:
+    """Doubles its input; records each batch; can be held busy or made to fail."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.delay_s = delay_s
+        self.batches: list[list[float]] = []
+        self.fail_on: float | None = None
+        self.release = threading.Event()
+        self.release.set()
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        self.release.wait(5)
+        time.sleep(self.delay_s)
+        self.batches.append([float(v) for v in batch[:, 0]])
+        if self.fail_on is not None and self.fail_on in batch[:, 0]:
+            raise ValueError("model failed")
+        return batch * 2
+
+
+def rows(*values: float) -> np.ndarray:
+    return np.array([[v] for v in values], dtype=np.float32)
+
+
+def batcher(model: Model, max_queue_wait_s: float = 5.0) -> MicroBatcher:
+    return MicroBatcher(model, max_batch_size=4, max_queue_wait_s=max_queue_wait_s)
+
+
+def test_a_lone_request_runs_at_once() -> None:
+    model = Model()
+
+    async def main() -> float:
+        b = batcher(model)
+        t0 = time.perf_counter()
+        out = await b.submit(rows(3))
+        assert out.tolist() == [[6.0]]
+        await b.aclose()
+        return time.perf_counter() - t0
+
+    assert asyncio.run(main()) < 0.1
+    assert model.batches == [[3.0]]
+
+
+def test_requests_queued_while_the_model_is_busy_form_one_batch_in_order() -> None:
+    model = Model()
+    sizes: list[int] = []
+
+    async def main() -> list[np.ndarray]:
+        b = MicroBatcher(
+            model, max_batch_size=8, max_queue_wait_s=5, observe=lambda n, _: sizes.append(n)
+        )
+        model.release.clear()
+        first = asyncio.ensure_future(b.submit(rows(0)))
+        await asyncio.sleep(0.05)  # the first batch is running (held)
+        rest = [asyncio.ensure_future(b.submit(rows(i, i + 0.5))) for i in (1, 2, 3)]
+        await asyncio.sleep(0.05)
+        model.release.set()
+        out = await asyncio.gather(first, *rest)
+        await b.aclose()
+        return out
+
+    out = asyncio.run(main())
+    assert model.batches == [[0.0], [1.0, 1.5, 2.0, 2.5, 3.0, 3.5]]
+    assert sizes == [1, 6]
+    for i, o in zip((1, 2, 3), out[1:], strict=True):
+        assert o.tolist() == [[2 * i], [2 * i + 1]]  # each caller gets its own rows
+
+
+def test_batches_respect_the_size_limit_and_big_requests_are_split() -> None:
+    model = Model()
+
+    async def main() -> np.ndarray:
+        b = batcher(model)
+        out = await b.submit(rows(*range(10)))
+        await b.aclose()
+        return out
+
+    assert asyncio.run(main())[:, 0].tolist() == [2.0 * i for i in range(10)]
+    assert all(len(batch) <= 4 for batch in model.batches)
+    assert sorted(v for batch in model.batches for v in batch) == list(range(10))
+
+
+def test_a_failed_batch_fails_its_requests_only_and_the_batcher_keeps_going() -> None:
+    model = Model()
+    model.fail_on = 7.0
+
+    async def main() -> None:
+        b = batcher(model)
+        model.release.clear()
+        held = asyncio.ensure_future(b.submit(rows(1)))
+        await asyncio.sleep(0.05)
+        doomed = [asyncio.ensure_future(b.submit(rows(v))) for v in (7, 8)]
+        await asyncio.sleep(0.05)
+        model.release.set()
+        assert (await held).tolist() == [[2.0]]
+        for d in doomed:
+            with pytest.raises(ValueError, match="model failed"):
+                await d
+        assert (await b.submit(rows(9))).tolist() == [[18.0]]
+        await b.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_request_not_started_in_time_is_refused_as_overloaded() -> None:
+    model = Model()
+
+    async def main() -> None:
+        b = batcher(model, max_queue_wait_s=0.1)
+        model.release.clear()
+        busy = asyncio.ensure_future(b.submit(rows(1)))
+        await asyncio.sleep(0.02)
+        with pytest.raises(Overloaded, match="100 ms"):
+            await b.submit(rows(2))
+        model.release.set()
+        assert (await busy).tolist() == [[2.0]]
+        await b.aclose()
+
+    asyncio.run(main())
+    assert model.batches == [[1.0]]  # the refused request never reached the model
+
+
+def test_a_cancelled_request_leaves_the_queue() -> None:
+    model = Model()
+
+    async def main() -> None:
+        b = batcher(model)
+        model.release.clear()
+        busy = asyncio.ensure_future(b.submit(rows(1)))
+        await asyncio.sleep(0.02)
+        gone = asyncio.ensure_future(b.submit(rows(2)))
+        await asyncio.sleep(0.02)
+        gone.cancel()
+        model.release.set()
+        await busy
+        assert (await b.submit(rows(3))).tolist() == [[6.0]]
+        await b.aclose()
+
+    asyncio.run(main())
+    assert model.batches == [[1.0], [3.0]]
+
+
+def test_shutdown_fails_queued_requests_and_refuses_new_ones() -> None:
+    model = Model()
+
+    async def main() -> None:
+        b = batcher(model)
+        model.release.clear()
+        running = asyncio.ensure_future(b.submit(rows(1)))
+        await asyncio.sleep(0.02)
+        queued = asyncio.ensure_future(b.submit(rows(2)))
+        await asyncio.sleep(0.02)
+        closing = asyncio.ensure_future(b.aclose())
+        await asyncio.sleep(0.02)
+        model.release.set()
+        await closing
+        assert (await running).tolist() == [[2.0]]  # the running batch finished
+        with pytest.raises(Overloaded, match="shutting down"):
+            await queued
+        with pytest.raises(Overloaded, match="shutting down"):
+            await b.submit(rows(3))
+
+    asyncio.run(main())
