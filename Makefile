@@ -6,6 +6,9 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
+# The browser tests drive Debian's Chromium; Playwright's own browser downloads are not used.
+CHROMIUM ?= /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 export BENTOML_DO_NOT_TRACK := true
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
@@ -34,10 +37,15 @@ $(VENV)/.installed-bench: $(VENV)/.installed
 
 install: $(VENV)/.installed
 
+$(CHROMIUM):
+	@echo "installing Debian's chromium for the browser tests (tests/test_page.py)"
+	$(SUDO) apt-get update
+	$(SUDO) apt-get install -y --no-install-recommends chromium
+
 up: install
 	$(BIN)/lantern up
 
-test: install
+test: install $(CHROMIUM)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed-bench
