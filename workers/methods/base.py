@@ -54,3 +54,24 @@ class ExplanationMethod:
 
     def compute(self, p: PassOutputs) -> MethodResult:
         raise NotImplementedError
+
+
+class ChannelWeightedCAM(ExplanationMethod):
+    """The class-activation-map family: L = ReLU(sum_k w_k A_k) over a layer's channels.
+
+    Subclasses say only how the channel weights w_k come from the activations A and the
+    gradients dS/dA (as pytorch-grad-cam's methods override one hook of its base_cam).
+    """
+
+    needs_layer = True
+    needs_layer_gradient = True
+
+    def channel_weights(self, acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+        """(N, K, 1, 1) weights for activations and gradients of shape (N, K, h, w)."""
+        raise NotImplementedError
+
+    def compute(self, p: PassOutputs) -> MethodResult:
+        assert self.layer is not None
+        acts, grads = p.activations[self.layer], p.gradients[self.layer]
+        weights = self.channel_weights(acts, grads)
+        return MethodResult((weights * acts).sum(dim=1).clamp_min(0))

@@ -5,16 +5,13 @@ alpha_k = mean_ij dS/dA_k(i, j)        L = ReLU(sum_k alpha_k A_k)
 
 from __future__ import annotations
 
-from workers.methods.base import ExplanationMethod, MethodResult, PassOutputs
+import torch
+
+from workers.methods.base import ChannelWeightedCAM
 
 
-class GradCAM(ExplanationMethod):
+class GradCAM(ChannelWeightedCAM):
     name = "gradcam"
-    needs_layer = True
-    needs_layer_gradient = True
 
-    def compute(self, p: PassOutputs) -> MethodResult:
-        assert self.layer is not None
-        acts, grads = p.activations[self.layer], p.gradients[self.layer]
-        weights = grads.mean(dim=(2, 3), keepdim=True)
-        return MethodResult((weights * acts).sum(dim=1).clamp_min(0))
+    def channel_weights(self, acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+        return grads.mean(dim=(2, 3), keepdim=True)

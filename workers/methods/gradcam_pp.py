@@ -9,23 +9,18 @@ from __future__ import annotations
 
 import torch
 
-from workers.methods.base import ExplanationMethod, MethodResult, PassOutputs
+from workers.methods.base import ChannelWeightedCAM
 
 _EPS = 1e-7
 
 
-class GradCAMPlusPlus(ExplanationMethod):
+class GradCAMPlusPlus(ChannelWeightedCAM):
     name = "gradcam_pp"
-    needs_layer = True
-    needs_layer_gradient = True
 
-    def compute(self, p: PassOutputs) -> MethodResult:
-        assert self.layer is not None
-        acts, grads = p.activations[self.layer], p.gradients[self.layer]
+    def channel_weights(self, acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
         g2 = grads.pow(2)
         g3 = g2 * grads
         sum_acts = acts.sum(dim=(2, 3), keepdim=True)
         alpha = g2 / (2 * g2 + sum_acts * g3 + _EPS)
         alpha = torch.where(grads != 0, alpha, torch.zeros_like(alpha))
-        weights = (alpha * grads.clamp_min(0)).sum(dim=(2, 3), keepdim=True)
-        return MethodResult((weights * acts).sum(dim=1).clamp_min(0))
+        return (alpha * grads.clamp_min(0)).sum(dim=(2, 3), keepdim=True)
