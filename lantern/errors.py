@@ -9,9 +9,13 @@
     │   ├── PayloadTooLarge       413: upload over the size or pixel limit
     │   └── UnsupportedMediaType  415: not an image type Lantern can read
     ├── JobError                  an explanation job that cannot be run
-    └── QueueUnavailable          Redis cannot be reached
+    │   ├── JobNotFound           404: no such job (never existed, or expired)
+    │   └── InvalidAddress        a job id or artifact name outside the store's patterns
+    └── QueueUnavailable          Redis cannot be reached (503)
 
-Only the service turns these into HTTP responses, and only the CLI turns them into exit codes.
+The HTTP client's own errors (unreachable service, a rejected request, a failed job) live
+with it in `lantern.client`, under LanternError too. Only the service turns these into
+HTTP responses, and only the CLI turns them into exit codes.
 """
 
 from __future__ import annotations
@@ -55,6 +59,14 @@ class UnsupportedMediaType(InputError):
 
 class JobError(LanternError):
     pass
+
+
+class JobNotFound(JobError):
+    """No job with this id (it never existed, or it expired)."""
+
+
+class InvalidAddress(JobError):
+    """A job id or artifact file name that does not match the store's patterns."""
 
 
 class QueueUnavailable(LanternError):

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
-from lantern.errors import JobError
+from lantern.errors import InvalidAddress, JobError
 from lantern.settings import Settings, get_settings
 
 MANIFEST = "manifest.json"
@@ -39,10 +39,6 @@ INPUTS_DIR = "inputs"
 JOB_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 _COMPONENT = r"[A-Za-z0-9](?:[A-Za-z0-9_-]|\.(?!\.)){0,127}"
 FILE_NAME_RE = re.compile(rf"(?:{INPUTS_DIR}/)?{_COMPONENT}")
-
-
-class InvalidAddress(JobError):
-    """A job id or artifact file name that does not match the store's patterns."""
 
 
 def is_valid_job_id(job_id: str) -> bool:

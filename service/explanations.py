@@ -15,7 +15,13 @@ from typing import Any
 
 import redis
 
-from lantern.errors import InputError, JobError, QueueUnavailable, UnprocessableInput
+from lantern.errors import (
+    InputError,
+    InvalidAddress,
+    JobNotFound,
+    QueueUnavailable,
+    UnprocessableInput,
+)
 from lantern.jobs import (
     DEFAULT_LAYER,
     LAYER_RE,
@@ -27,15 +33,11 @@ from lantern.jobs import (
     job_status,
 )
 from lantern.settings import Settings
-from lantern.store import InvalidAddress, check_file_name, open_store
+from lantern.store import check_file_name, open_store
 from models.bundle import Bundle
 
 CONTENT_TYPES = {".png": "image/png", ".npy": "application/octet-stream"}
 _INPUT_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
-
-
-class JobNotFound(JobError):
-    """No job with this id (it never existed, or it expired)."""
 
 
 @dataclass(frozen=True)

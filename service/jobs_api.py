@@ -17,8 +17,8 @@ import anyio
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 
-from lantern.errors import QueueUnavailable
-from service.explanations import ExplainOptions, JobNotFound, parse_options
+from lantern.errors import JobNotFound, QueueUnavailable
+from service.explanations import ExplainOptions, parse_options
 from service.uploads import read_uploads
 
 STATIC_DIR = Path(__file__).parent / "static"
