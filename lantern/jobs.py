@@ -1,7 +1,9 @@
 """The contract between the API service and the explanation workers. Torch-free.
 
-    queue          settings.queue ("lantern-explain"), RQ's JSONSerializer: never pickle, so
-                   whoever can write to Redis cannot make a worker run code
+    queue          settings.queue ("lantern-explain"), RQ's JSONSerializer (never pickle) and
+                   lantern.safe_job.LanternJob, which refuses any job that names another
+                   function, an instance or a callback: whoever can write to Redis cannot
+                   make a worker run code
     job function   JOB_FUNCTION, "workers.tasks.explain", referenced by name: the service
                    never imports workers (nor torch)
     payload        ExplainRequest, one JSON object, the job's only argument
@@ -227,12 +229,16 @@ def image_name(filename: str | None, index: int) -> str:
 
 
 def explain_queue(connection: Redis, settings: Settings | None = None) -> Queue:
-    """The explanation queue, always with the JSON serializer."""
+    """The explanation queue, always with the JSON serializer and the allow-listing job class."""
     from rq import Queue
     from rq.serializers import JSONSerializer
 
+    from lantern.safe_job import LanternJob
+
     settings = settings or get_settings()
-    return Queue(settings.queue, connection=connection, serializer=JSONSerializer)
+    return Queue(
+        settings.queue, connection=connection, serializer=JSONSerializer, job_class=LanternJob
+    )
 
 
 def build_request(
@@ -356,6 +362,16 @@ def job_status(
         job = Job.fetch(job_id, connection=connection, serializer=JSONSerializer)
     except NoSuchJobError:
         job = None
+    except (ValueError, TypeError, KeyError, UnicodeDecodeError):
+        # A record Lantern did not write (workers refuse such jobs the same way).
+        return _status_dict(
+            job_id,
+            JobStatus.FAILED,
+            0,
+            0,
+            "refused: not a Lantern job (its record cannot be read)",
+            None,
+        )
     manifest = read_manifest(store, job_id) if store is not None else None
 
     if job is None:

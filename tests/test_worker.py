@@ -143,7 +143,8 @@ def test_the_worker_only_accepts_json_jobs(
     assert not marker.exists(), "a pickled payload was unpickled by the worker"
     rejected = job_status(redis_conn, pickled.id, store, settings)
     assert rejected is not None and rejected["status"] == JobStatus.FAILED
-    assert "not JSON" in rejected["error"]
+    assert "refused: not a Lantern job" in rejected["error"]
+    assert "not readable JSON" in rejected["error"]
     accepted = job_status(redis_conn, job_id, store, settings)
     assert accepted is not None and accepted["status"] == JobStatus.FINISHED, accepted
 

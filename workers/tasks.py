@@ -27,6 +27,7 @@ from torch import nn
 
 from lantern.errors import JobError, LanternError
 from lantern.jobs import META_ERROR, META_PROGRESS, ExplainRequest, Method, parse_request
+from lantern.redis_retry import retry_redis
 from lantern.settings import Settings, get_settings
 from lantern.store import ArtifactStore, open_store, write_manifest
 from models.bundle import Bundle, load_bundle
@@ -146,8 +147,8 @@ def _record_failure(job: Any, message: str, permanent: bool) -> None:
     if permanent:
         job.retries_left = 0  # retrying cannot fix it; the worker reads this on failure
     try:
-        job.save_meta()
-    except Exception:  # Redis trouble: the traceback still records the failure
+        retry_redis("record a job's error", job.save_meta, current_settings().redis_retry_seconds)
+    except Exception:  # Redis gone for good: the traceback still records the failure
         log.exception("could not record the failure of job %s", job.id)
 
 
@@ -204,7 +205,7 @@ def run_job(
 def _progress(job: Any, done: int, total: int) -> None:
     if job is not None:
         job.meta[META_PROGRESS] = {"done": done, "total": total}
-        job.save_meta()
+        retry_redis("record job progress", job.save_meta, current_settings().redis_retry_seconds)
 
 
 def _image_bytes(image: Any, job_id: str, store: ArtifactStore) -> bytes:

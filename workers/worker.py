@@ -14,29 +14,50 @@ AbandonedJobError. Maintenance also deletes artifacts older than `job_ttl_second
 
 SIGTERM or Ctrl+C: finish the current job, then stop (a second one stops at once; the
 job is then failed and retried).
+
+Only Lantern's job runs: queues, registries and the worker use `LanternJob`
+(lantern.safe_job), so a job naming any other function, an instance or a callback is
+failed with "refused: not a Lantern job (...)" before anything is imported or called,
+and a job whose hash cannot even be read is failed the same way instead of stopping the
+worker.
+
+Redis outages do not stop a busy worker. Every Redis write around a job (its start,
+progress, heartbeats, result or failure, the worker's own state) is retried with
+exponential backoff for up to `redis_retry_seconds`, reconnecting each time; the job's
+computation goes on meanwhile. If Redis stays away longer, the job's lease lapses and,
+once Redis is back, maintenance retries or fails it with a reason: nothing is left
+"started". Idle workers wait for Redis (RQ's own backoff) and resume.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from redis import Redis
 from rq import SimpleWorker
 from rq.executions import Execution
-from rq.job import Job
+from rq.job import Job, JobStatus
 from rq.queue import Queue
+from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
+from rq.utils import current_timestamp, now, utcformat
 
 from lantern.errors import LanternError
-from lantern.jobs import explain_queue
+from lantern.jobs import META_ERROR, explain_queue
+from lantern.redis_retry import REDIS_ERRORS, retry_redis
+from lantern.safe_job import LanternJob, refusal
 from lantern.settings import Settings, get_settings
 from lantern.store import ArtifactStore, expire_artifacts, open_store
 
 log = logging.getLogger(__name__)
 
 HEARTBEATS_BEFORE_ABANDONED = 3
+
+T = TypeVar("T")
 
 
 class ExplainWorker(SimpleWorker):
@@ -63,6 +84,7 @@ class ExplainWorker(SimpleWorker):
             queues or [explain_queue(connection, settings)],
             connection=connection,
             serializer=JSONSerializer,
+            job_class=LanternJob,
             maintenance_interval=settings.worker_maintenance_seconds,
             job_monitoring_interval=settings.worker_heartbeat_seconds,
             **kwargs,
@@ -91,7 +113,7 @@ class ExplainWorker(SimpleWorker):
         return HEARTBEATS_BEFORE_ABANDONED * int(self.job_monitoring_interval)
 
     def execute_job(self, job: Job, queue: Queue) -> None:
-        execution = self.prepare_execution(job)
+        execution = self._redis("record the start of a job", lambda: self.prepare_execution(job))
         self._beat = _Heartbeat(self, job, execution, float(self.job_monitoring_interval))
         try:
             self.perform_job(job, queue, execution)
@@ -100,11 +122,102 @@ class ExplainWorker(SimpleWorker):
             self._beat = None
         self.set_state("idle")
 
+    def perform_job(self, job: Job, queue: Queue, execution: Execution) -> bool:
+        reason = refusal(job)
+        if reason is not None:
+            # LanternJob.func raises RefusedJob, so RQ fails the job without calling
+            # anything; retrying cannot make it a Lantern job.
+            self.log.warning("Worker %s: job %s %s", self.name, job.id, reason)
+            job.retries_left = 0
+            job.meta = {META_ERROR: reason}
+            self._redis("record the refusal of a job", job.save_meta)
+        return bool(super().perform_job(job, queue, execution))
+
+    # --- every Redis write around a job survives an outage ------------------------------
+    def _redis(self, what: str, call: Callable[[], T]) -> T:
+        return retry_redis(what, call, self.settings.redis_retry_seconds, self.log)
+
+    def prepare_job_execution(self, job: Job, remove_from_intermediate_queue: bool = False) -> None:
+        self._redis(
+            "mark a job started",
+            lambda: super(ExplainWorker, self).prepare_job_execution(
+                job, remove_from_intermediate_queue
+            ),
+        )
+
     def handle_execution_ended(self, job: Job, queue: Queue, heartbeat_ttl: int) -> None:
         # Stop renewing before RQ records the outcome, so no renewal lands after it.
         if self._beat is not None:
             self._beat.stop()
-        super().handle_execution_ended(job, queue, heartbeat_ttl)
+        self._redis(
+            "record the end of a job",
+            lambda: super(ExplainWorker, self).handle_execution_ended(job, queue, heartbeat_ttl),
+        )
+
+    def handle_job_success(
+        self, job: Job, queue: Queue, started_job_registry: Any, execution: Execution
+    ) -> None:
+        # One MULTI/EXEC transaction: repeating it after a dropped connection is safe.
+        self._redis(
+            "record a finished job",
+            lambda: super(ExplainWorker, self).handle_job_success(
+                job, queue, started_job_registry, execution
+            ),
+        )
+
+    def handle_job_failure(self, job: Job, queue: Queue, *args: Any, **kwargs: Any) -> None:
+        # RQ logs, and does not raise, when it cannot write the failure: wait for Redis
+        # first so the failure (or the retry) is really recorded.
+        self._redis("record a failed job", lambda: self.connection.ping())
+        super().handle_job_failure(job, queue, *args, **kwargs)
+
+    def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
+        if pipeline is not None:
+            super().heartbeat(timeout, pipeline)
+            return
+        self._redis(
+            "send the worker heartbeat", lambda: super(ExplainWorker, self).heartbeat(timeout)
+        )
+
+    def set_state(self, state: str, pipeline: Any = None) -> None:
+        if pipeline is not None:
+            super().set_state(state, pipeline)
+            return
+        self._redis("record the worker state", lambda: super(ExplainWorker, self).set_state(state))
+
+    def dequeue_job_and_maintain_ttl(
+        self, timeout: int | None, max_idle_time: int | None = None
+    ) -> tuple[Job, Queue] | None:
+        while True:
+            try:
+                return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+            except REDIS_ERRORS:
+                raise
+            except Exception as e:  # a job hash RQ cannot read: fail it, keep working
+                job_id = getattr(e, "job_id", None)
+                queue = getattr(e, "queue", None)
+                if job_id is None or queue is None:
+                    raise
+                self._refuse_unreadable(str(job_id), queue, e)
+
+    def _refuse_unreadable(self, job_id: str, queue: Queue, error: Exception) -> None:
+        reason = f"refused: not a Lantern job (its record cannot be read: {type(error).__name__})"
+        self.log.warning("Worker %s: job %s %s", self.name, job_id, reason)
+        failed = FailedJobRegistry(
+            queue.name, self.connection, job_class=LanternJob, serializer=JSONSerializer
+        )
+        with self.connection.pipeline() as pipe:
+            pipe.hset(
+                LanternJob.key_for(job_id),
+                mapping={
+                    "status": JobStatus.FAILED.value,
+                    "meta": json.dumps({META_ERROR: reason}),
+                    "created_at": utcformat(now()),
+                    "ended_at": utcformat(now()),
+                },
+            )
+            pipe.zadd(failed.key, {job_id: current_timestamp() + self.settings.job_ttl_seconds})
+            pipe.execute()
 
     def run_maintenance_tasks(self) -> None:
         super().run_maintenance_tasks()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import re
+import sys
 
 HELP = "Run an explanation worker: take jobs from Redis, compute maps, store artifacts."
 
@@ -24,6 +26,7 @@ def run(args: argparse.Namespace) -> int:
     import redis
 
     from lantern.errors import QueueUnavailable
+    from lantern.redis_retry import retry_redis
     from lantern.settings import get_settings
     from workers.worker import ExplainWorker
 
@@ -41,11 +44,29 @@ def run(args: argparse.Namespace) -> int:
     connection = redis.Redis.from_url(settings.redis_url)
     try:
         connection.ping()
+    except redis.AuthenticationError as e:
+        raise QueueUnavailable(
+            f"Redis at {_safe_url(settings.redis_url)} refused the password ({e}); check REDIS_URL"
+        ) from None
     except redis.RedisError as e:
         raise QueueUnavailable(
-            f"cannot reach Redis at {settings.redis_url} ({e}); start it, or set REDIS_URL"
+            f"cannot reach Redis at {_safe_url(settings.redis_url)} ({e}); start it, or set "
+            "REDIS_URL"
         ) from None
+    level = "DEBUG" if args.verbose else "INFO"
     worker = ExplainWorker(connection, settings, device=settings.device, name=args.name)
     worker.warm_up()
-    worker.work(burst=args.burst, logging_level="DEBUG" if args.verbose else "INFO")
-    return 0
+    while True:
+        worker.work(burst=args.burst, logging_level=level)
+        if args.burst or worker._stop_requested:
+            return 0
+        # RQ's loop ended on an error (Redis gone longer than redis_retry_seconds, say):
+        # wait for Redis and start again rather than exit with jobs still queued.
+        print("worker loop ended unexpectedly; waiting for Redis to resume", file=sys.stderr)
+        retry_redis("reach Redis", connection.ping, deadline_s=float("inf"))
+        worker = ExplainWorker(connection, settings, device=settings.device)
+
+
+def _safe_url(url: str) -> str:
+    """The Redis URL without its password, for messages."""
+    return re.sub(r"//[^@/]*@", "//***@", url)
