@@ -61,6 +61,17 @@ class Settings(BaseSettings):
         description="How often a worker looks for jobs abandoned by dead workers and deletes "
         "artifacts older than job_ttl_seconds.",
     )
+    redis_retry_seconds: int = Field(
+        300,
+        description="How long a busy worker keeps retrying a Redis write (progress, result, "
+        "failure) during an outage before leaving the job to be retried by maintenance.",
+    )
+    redis_appendfsync: str = Field(
+        "everysec",
+        description="fsync policy of the Redis that `lantern up` starts: everysec (a power "
+        "loss may drop the last second of accepted jobs) or always (none, slower writes).",
+        pattern="^(everysec|always)$",
+    )
     inline_image_bytes: int = Field(
         256 * 1024,
         description="Images up to this size travel inside the job payload; larger ones "
