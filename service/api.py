@@ -20,6 +20,7 @@ from lantern.errors import InputError
 from service.batcher import Overloaded
 from service.jobs_api import register_error_handlers
 from service.jobs_api import router as jobs_router
+from service.openapi import PREDICT_BATCH_RESPONSES, PREDICT_RESPONSES
 from service.uploads import read_uploads
 
 if TYPE_CHECKING:
@@ -47,22 +48,6 @@ class BatchPrediction(BaseModel):
     predictions: list[Prediction] = Field(description="One prediction per image, in order.")
 
 
-class ErrorBody(BaseModel):
-    error: str = Field(description="What was wrong with the request, and how to fix it.")
-
-
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorBody, "description": description}
-    for status, description in {
-        400: "Empty body, missing field, or malformed form data",
-        413: "A file over the size limit or an image over the pixel limit",
-        415: "Not an image Lantern can read, or an unsupported Content-Type",
-        422: "Truncated or corrupt image, zero-sized image, or a bad parameter",
-        503: "The model is overloaded, or (explanations) Redis is unreachable; retry later",
-    }.items()
-}
-
-
 def _upload_body(field: str, many: bool) -> dict[str, Any]:
     """OpenAPI requestBody for multipart uploads (the route parses the body itself)."""
     file_schema: dict[str, Any] = {"type": "string", "format": "binary"}
@@ -80,7 +65,8 @@ def _upload_body(field: str, many: bool) -> dict[str, Any]:
 app = FastAPI(
     title="Lantern",
     summary="Image classification from the registered ONNX model.",
-    # BentoML serves the docs (/ and /docs.json) and merges these routes into them.
+    # /docs.json is service.openapi's document (built from these routes), served by its
+    # middleware in place of BentoML's; /docs is Swagger UI for it (service.jobs_api).
     docs_url=None,
     redoc_url=None,
     openapi_url=None,
@@ -100,7 +86,7 @@ TopK = Query(5, ge=1, le=MAX_TOP_K, description="How many of the most probable c
 @app.post(
     "/predict",
     response_model=Prediction,
-    responses=ERROR_RESPONSES,
+    responses=PREDICT_RESPONSES,
     openapi_extra=_upload_body("image", many=False),
     summary="Classify one image",
 )
@@ -122,7 +108,7 @@ async def predict(request: Request, top_k: int = TopK) -> dict[str, Any]:
 @app.post(
     "/predict_batch",
     response_model=BatchPrediction,
-    responses=ERROR_RESPONSES,
+    responses=PREDICT_BATCH_RESPONSES,
     openapi_extra=_upload_body("images", many=True),
     summary="Classify several images",
 )

@@ -19,6 +19,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 
 from lantern.errors import JobNotFound, QueueUnavailable
 from service.explanations import ExplainOptions, parse_options
+from service.openapi import ARTIFACT_RESPONSES, EXPLAIN_RESPONSES, JOB_RESPONSES
 from service.uploads import read_uploads
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -51,6 +52,7 @@ _OPTIONS_DOC = (
 @router.post(
     "/explain",
     status_code=202,
+    responses=EXPLAIN_RESPONSES,
     summary="Explain images (asynchronous job)",
     description=_OPTIONS_DOC,
     openapi_extra={
@@ -109,12 +111,21 @@ async def explain(
     return JSONResponse(body, status_code=202 if created else 200)
 
 
-@router.get("/jobs/{job_id}", summary="Status, progress and results of an explanation job")
+@router.get(
+    "/jobs/{job_id}",
+    responses=JOB_RESPONSES,
+    summary="Status, progress and results of an explanation job",
+)
 async def job(job_id: str) -> dict[str, Any]:
     return await anyio.to_thread.run_sync(_service().explanations.status, job_id)
 
 
-@router.get("/jobs/{job_id}/{name:path}", summary="One artifact of a finished job")
+@router.get(
+    "/jobs/{job_id}/{name:path}",
+    responses=ARTIFACT_RESPONSES,
+    response_class=Response,
+    summary="One artifact of a finished job",
+)
 async def artifact(job_id: str, name: str) -> Response:
     data, content_type = await anyio.to_thread.run_sync(
         _service().explanations.artifact, job_id, name

@@ -31,6 +31,7 @@ from service.batcher import MicroBatcher
 from service.explanations import Explanations
 from service.images import decode_image
 from service.metrics import record_batch, record_model_info
+from service.openapi import OpenAPIDocument
 from service.uploads import Upload
 
 log = logging.getLogger("lantern.service")
@@ -109,6 +110,10 @@ class Lantern:
             for i, p in zip(top.class_indices, top.probabilities, strict=True)
         ]
         return {**ranked[0], "top_k": ranked, "model_version": self.bundle.version}
+
+
+# /docs.json: Lantern's own OpenAPI document instead of BentoML's template (service.openapi).
+Lantern.add_asgi_middleware(OpenAPIDocument, fastapi_app=app)  # type: ignore[attr-defined]
 
 
 def _show_lantern_logs() -> None:

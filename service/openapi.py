@@ -1,0 +1,310 @@
+"""Lantern's OpenAPI description, served at /docs.json in place of BentoML's template.
+
+BentoML serves its own /docs.json (title "lantern", version "None", its badges, generic
+error codes) and its routes win over the FastAPI app mounted at /. So the document is
+generated here from the FastAPI app itself (`responses=` on each route, tables below),
+plus the probe routes BentoML owns (/livez, /readyz, /metrics), the API-key security
+schemes and the 401 every protected route can answer; `OpenAPIDocument`, an ASGI
+middleware added with `Lantern.add_asgi_middleware`, answers GET /docs.json with it.
+Swagger UI at /docs (service/static/docs.html) reads the same document.
+
+Every status code documented for a route is one the code really answers; the error
+bodies are all `{"error": "..."}` (ErrorBody). tests/test_openapi.py pins the lists and
+tests/test_openapi_fuzz.py fuzzes a real server against the document.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from importlib.metadata import version
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, Field
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+    from starlette.types import ASGIApp, Receive, Scope, Send
+
+DOCS_PATH = "/docs.json"
+TITLE = "Lantern"
+ERROR_REF = {"$ref": "#/components/schemas/ErrorBody"}
+
+
+class ErrorBody(BaseModel):
+    error: str = Field(description="What was wrong with the request, and how to fix it.")
+
+
+def errors(descriptions: dict[int, str]) -> dict[int | str, dict[str, Any]]:
+    """FastAPI `responses=` for error statuses, each with the `{"error": ...}` body."""
+    return {status: {"model": ErrorBody, "description": d} for status, d in descriptions.items()}
+
+
+# --- what each route answers (the route decorators in service.api / service.jobs_api) ---
+
+_UPLOAD_413 = "A file over the size limit, a body over the request limit, or an image over "
+_UPLOAD_415 = "Not an image Lantern can read (JPEG, PNG, WebP, BMP, GIF, TIFF), or an "
+_UPLOAD_422 = "An empty, truncated or corrupt image, zero width or height, an unsupported "
+
+PREDICT_RESPONSES = errors(
+    {
+        400: "Empty body, no Content-Type, a missing or text-valued `image` field, more than "
+        "one image, malformed multipart data, or a client that disconnected mid-upload",
+        413: _UPLOAD_413 + "the pixel limit",
+        415: _UPLOAD_415 + "unsupported Content-Type",
+        422: _UPLOAD_422 + "colour mode, or a bad `top_k`",
+        503: "The model is overloaded (the request waited longer than LANTERN_MAX_LATENCY_MS "
+        "for a batch); retry in a moment",
+    }
+)
+
+PREDICT_BATCH_RESPONSES = errors(
+    {
+        400: "Empty body, no Content-Type, no `images` field or a text-valued one, malformed "
+        "multipart data, or a client that disconnected mid-upload",
+        413: _UPLOAD_413 + "the pixel limit, or more images than LANTERN_MAX_BATCH_IMAGES",
+        415: _UPLOAD_415 + "unsupported Content-Type (send multipart/form-data)",
+        422: _UPLOAD_422 + "colour mode, or a bad `top_k`",
+        503: PREDICT_RESPONSES[503]["description"],
+    }
+)
+
+_JOB_ACCEPTED = {
+    "type": "object",
+    "required": ["job_id", "status", "status_url", "cached"],
+    "properties": {
+        "job_id": {"type": "string", "description": "`ex-` and 32 hex digits."},
+        "status": {"type": "string", "enum": ["queued", "started", "finished", "failed"]},
+        "status_url": {"type": "string", "description": "Poll this for progress and results."},
+        "cached": {"type": "boolean", "description": "True when an identical job existed."},
+    },
+}
+
+_JOB_STATUS = {
+    "type": "object",
+    "required": ["job_id", "status"],
+    "properties": {
+        "job_id": {"type": "string"},
+        "id": {"type": "string"},
+        "status": {"type": "string", "enum": ["queued", "started", "finished", "failed"]},
+        "progress": {
+            "type": "object",
+            "properties": {"done": {"type": "integer"}, "total": {"type": "integer"}},
+        },
+        "error": {"type": ["string", "null"], "description": "Why the job failed."},
+        "manifest": {
+            "type": ["object", "null"],
+            "description": "When finished: per image, its files and their URLs (`urls`).",
+        },
+    },
+}
+
+EXPLAIN_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "An identical job exists already: its current status (`cached`: true)",
+        "content": {"application/json": {"schema": _JOB_ACCEPTED}},
+    },
+    202: {
+        "description": "The job is queued; poll `status_url`",
+        "content": {"application/json": {"schema": _JOB_ACCEPTED}},
+    },
+    **errors(
+        {
+            400: PREDICT_BATCH_RESPONSES[400]["description"],
+            413: _UPLOAD_413 + "the pixel limit, or more images than LANTERN_MAX_IMAGES_PER_JOB",
+            415: PREDICT_BATCH_RESPONSES[415]["description"],
+            422: _UPLOAD_422 + "colour mode, or bad methods, targets or layer names",
+            503: "The explanation queue (Redis) is unreachable; predictions still work. "
+            "Retry after the `Retry-After` seconds",
+        }
+    ),
+}
+
+JOB_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The job's status, progress, readable error, and (when finished) "
+        "its manifest with artifact URLs",
+        "content": {"application/json": {"schema": _JOB_STATUS}},
+    },
+    **errors(
+        {
+            400: "Not a job id (expected `ex-` and 32 hex digits)",
+            404: "No such job: never created, or expired after its time to live",
+            503: "The explanation queue (Redis) is unreachable and the job has no finished "
+            "manifest to answer from; retry after the `Retry-After` seconds",
+        }
+    ),
+}
+
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+ARTIFACT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The file: a PNG map or overlay (`image/png`), a raw float16 NumPy "
+        "array (`.npy`, `application/octet-stream`), or an input image passed by reference "
+        "(`inputs/…`, its own image type)",
+        "content": {
+            "image/png": _BINARY,
+            "application/octet-stream": _BINARY,
+            "image/jpeg": _BINARY,
+            "image/webp": _BINARY,
+        },
+    },
+    **errors(
+        {
+            400: "Not a job id, or not a valid artifact file name",
+            404: "The job has no such file (or it has expired)",
+        }
+    ),
+}
+
+# --- the routes BentoML owns, and the cross-cutting parts ------------------------------
+
+_TEXT = {"text/plain": {"schema": {"type": "string"}}}
+PROBE_PATHS: dict[str, dict[str, Any]] = {
+    "/livez": {
+        "get": {
+            "summary": "Liveness probe",
+            "operationId": "livez",
+            "security": [],
+            "responses": {"200": {"description": "The process is up", "content": _TEXT}},
+        }
+    },
+    "/readyz": {
+        "get": {
+            "summary": "Readiness probe",
+            "operationId": "readyz",
+            "security": [],
+            "responses": {
+                "200": {
+                    "description": "The model is loaded; predictions are served",
+                    "content": _TEXT,
+                },
+                "503": {"description": "Not ready yet (the model is loading)", "content": _TEXT},
+            },
+        }
+    },
+    "/metrics": {
+        "get": {
+            "summary": "Prometheus metrics",
+            "description": "Request counts and latencies, micro-batch sizes and queue waits, "
+            "the model's identity, and explanation job counters, in the Prometheus text "
+            "format. Open without a key when LANTERN_METRICS_PUBLIC is true.",
+            "operationId": "metrics",
+            "responses": {"200": {"description": "Prometheus text format", "content": _TEXT}},
+        }
+    },
+}
+
+# When LANTERN_API_KEYS is empty (the default) no route needs a key: the empty alternative.
+SECURITY: list[dict[str, list[str]]] = [{"bearerAuth": []}, {"apiKeyHeader": []}, {}]
+SECURITY_SCHEMES = {
+    "bearerAuth": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "`Authorization: Bearer <key>`, a key from LANTERN_API_KEYS.",
+    },
+    "apiKeyHeader": {
+        "type": "apiKey",
+        "in": "header",
+        "name": "X-API-Key",
+        "description": "`X-API-Key: <key>`, a key from LANTERN_API_KEYS.",
+    },
+}
+UNAUTHORIZED = {
+    "description": "LANTERN_API_KEYS is set and the request carries no valid key",
+    "content": {"application/json": {"schema": ERROR_REF}},
+}
+
+TAGS = [
+    {"name": "predictions", "description": "Synchronous classification."},
+    {"name": "explanations", "description": "Asynchronous Grad-CAM, saliency, activations."},
+    {"name": "service", "description": "Health, readiness and metrics."},
+]
+_TAG_OF = {"/predict": "predictions", "/predict_batch": "predictions", "/explain": "explanations"}
+
+DESCRIPTION = """\
+Image classification that shows its reasoning. `POST /predict` (one image) and
+`POST /predict_batch` (several) answer the most probable class, the top-k ranking and the
+model version, from the registered ONNX model. `POST /explain` queues an asynchronous
+explanation job (Grad-CAM, Grad-CAM++, saliency, activations) run by the workers; poll
+`GET /jobs/{job_id}` for progress and results, and fetch each artifact (PNG maps and
+overlays, raw `.npy` arrays) from `GET /jobs/{job_id}/{name}`.
+
+**Errors.** Every error answers a JSON body `{"error": "..."}` saying what was wrong and
+how to fix it: 4xx for a request Lantern must refuse (each route lists its own), 503 when
+the model is overloaded or the explanation queue (Redis) is unreachable. A 500 with the
+same body would be a bug in Lantern, never an answer to bad input.
+
+**Authentication.** Off by default. When `LANTERN_API_KEYS` is set (comma-separated keys),
+every route except `/livez` and `/readyz` (and `/metrics` when `LANTERN_METRICS_PUBLIC`
+is true) needs `Authorization: Bearer <key>` or `X-API-Key: <key>`, and answers 401 with
+the error body without one.
+"""
+
+
+def package_version() -> str:
+    return version("lantern")
+
+
+def build_document(app: FastAPI) -> dict[str, Any]:
+    """The OpenAPI 3.1 document for the FastAPI `app` plus BentoML's probe routes."""
+    from fastapi.openapi.utils import get_openapi
+
+    doc = get_openapi(
+        title=TITLE,
+        version=package_version(),
+        summary="Image classification that shows its reasoning.",
+        description=DESCRIPTION,
+        routes=app.routes,
+        tags=TAGS,
+    )
+    paths: dict[str, dict[str, Any]] = doc["paths"]
+    paths.update(copy.deepcopy(PROBE_PATHS))
+    for path, item in paths.items():
+        for operation in item.values():
+            responses = operation["responses"]
+            # FastAPI adds its own 422 (HTTPValidationError) to routes with parameters; Lantern
+            # answers those with ErrorBody, and routes that can answer 422 declare it.
+            if "HTTPValidationError" in json.dumps(responses.get("422", {})):
+                del responses["422"]
+            if operation.get("security") != []:
+                responses.setdefault("401", copy.deepcopy(UNAUTHORIZED))
+            operation["responses"] = dict(sorted(responses.items()))
+            operation.setdefault(
+                "tags", [_TAG_OF.get(path, "explanations" if "/jobs" in path else "service")]
+            )
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    for unused in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(unused, None)
+    schemas.setdefault("ErrorBody", ErrorBody.model_json_schema())
+    doc["components"]["securitySchemes"] = copy.deepcopy(SECURITY_SCHEMES)
+    doc["security"] = copy.deepcopy(SECURITY)
+    doc["paths"] = dict(sorted(paths.items()))
+    return doc
+
+
+class OpenAPIDocument:
+    """ASGI middleware: GET/HEAD /docs.json answers Lantern's document (built once)."""
+
+    def __init__(self, app: ASGIApp, fastapi_app: FastAPI) -> None:
+        self.app = app
+        self.fastapi_app = fastapi_app
+        self._body: bytes | None = None
+
+    def body(self) -> bytes:
+        if self._body is None:
+            self._body = json.dumps(build_document(self.fastapi_app)).encode()
+        return self._body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] != "http"
+            or scope["path"] != DOCS_PATH
+            or scope["method"] not in ("GET", "HEAD")
+        ):
+            await self.app(scope, receive, send)
+            return
+        from starlette.responses import Response
+
+        response = Response(self.body(), media_type="application/json")
+        await response(scope, receive, send)
