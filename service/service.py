@@ -28,6 +28,7 @@ from models.bundle import Bundle, load_bundle
 from service import classifier
 from service.api import app
 from service.batcher import MicroBatcher
+from service.error_bodies import ErrorBodies
 from service.explanations import Explanations
 from service.images import decode_image
 from service.metrics import record_batch, record_model_info
@@ -114,6 +115,8 @@ class Lantern:
 
 # /docs.json: Lantern's own OpenAPI document instead of BentoML's template (service.openapi).
 Lantern.add_asgi_middleware(OpenAPIDocument, fastapi_app=app)  # type: ignore[attr-defined]
+# The framework's bare 404/405 answers get the same {"error": ...} body as every other error.
+Lantern.add_asgi_middleware(ErrorBodies)  # type: ignore[attr-defined]
 
 
 def _show_lantern_logs() -> None:
