@@ -1,0 +1,234 @@
+"""Schemathesis fuzzes a real `lantern serve` (with a real Redis) against its own /docs.json.
+
+Every operation in the served document gets a fixed number of generated requests, valid
+(positive) and invalid (negative), with a fixed seed; each response must be no 5xx, carry
+a documented status code and content type, and match the documented schema. Bounded:
+EXAMPLES per operation and mode, no shrinking, the whole test well under two minutes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+schemathesis = pytest.importorskip("schemathesis")
+
+from hypothesis import HealthCheck, Phase, given, seed, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from schemathesis import GenerationMode  # noqa: E402
+from schemathesis.checks import not_a_server_error  # noqa: E402
+from schemathesis.specs.openapi.checks import (  # noqa: E402
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+from tests.conftest import RedisServer, start_redis  # noqa: E402
+from tests.service_fixtures import (  # noqa: E402
+    Server,
+    jpeg,
+    png,
+    png_header_only,
+    start_server,
+    stop_server,
+    truncated,
+)
+
+pytestmark = pytest.mark.integration
+
+EXAMPLES = 50  # per operation and generation mode
+SEED = 20261201
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+]
+# A finished job in the artifact store, so the job routes also answer 200 and 404.
+JOB_ID = "ex-" + "0123456789abcdef" * 2
+ARTIFACT = "00-cat.gradcam.heatmap.png"
+UNKNOWN_JOB = "ex-" + "f" * 32
+KEY = "fuzz-key-0123456789"
+OPERATIONS = {
+    "POST /predict",
+    "POST /predict_batch",
+    "POST /explain",
+    "GET /jobs/{job_id}",
+    "GET /jobs/{job_id}/{name}",
+    "GET /status",
+    "GET /livez",
+    "GET /readyz",
+    "GET /metrics",
+}
+
+# Uploads: real images (valid, huge, zero-sized, truncated) as often as random bytes.
+IMAGES = [
+    png(),
+    jpeg(),
+    png((8, 8)),
+    png_header_only(10_000, 10_000),  # over LANTERN_MAX_PIXELS: 413
+    png_header_only(0, 5),  # 422
+    truncated(png()),  # 422
+    b"",
+]
+schemathesis.openapi.format("binary", st.one_of(st.sampled_from(IMAGES), st.binary(max_size=64)))
+schemathesis.openapi.media_type("image/*", st.one_of(st.sampled_from(IMAGES), st.binary()))
+
+
+def _start(tiny_bundle, tmp: Path, extra_env: dict[str, str]) -> tuple[Server, RedisServer]:  # type: ignore[no-untyped-def]
+    redis = start_redis(tmp / "redis")
+    artifacts = tmp / "artifacts"
+    job = artifacts / JOB_ID
+    job.mkdir(parents=True)
+    (job / ARTIFACT).write_bytes(png((8, 8)))
+    files = {"gradcam": {"heatmap": ARTIFACT}}
+    (job / "manifest.json").write_text(json.dumps({"images": [{"name": "00-cat", "files": files}]}))
+    env = {"REDIS_URL": redis.url, "LANTERN_ARTIFACT_DIR": str(artifacts), **extra_env}
+    return start_server(tiny_bundle.tag, tmp / "serve.log", env), redis
+
+
+@pytest.fixture(scope="module")
+def server(tiny_bundle, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:  # type: ignore[no-untyped-def]
+    running, redis = _start(tiny_bundle, tmp_path_factory.mktemp("fuzz"), {})
+    yield running
+    stop_server(running)
+    redis.stop()
+
+
+@pytest.fixture(scope="module")
+def keyed_server(tiny_bundle, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:  # type: ignore[no-untyped-def]
+    env = {"LANTERN_API_KEYS": KEY}
+    running, redis = _start(tiny_bundle, tmp_path_factory.mktemp("fuzz-keyed"), env)
+    yield running
+    stop_server(running)
+    redis.stop()
+
+
+def _fuzz(
+    case_strategy: Any,
+    examples: int,
+    base_url: str,
+    session: Any,
+    stats: dict[str, int],
+    headers: dict[str, str] | None,
+) -> None:
+    @seed(SEED)
+    @settings(
+        max_examples=examples,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        phases=[Phase.explicit, Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(case=case_strategy)
+    def run(case: Any) -> None:
+        stats["cases"] += 1
+        response = case.call_and_validate(
+            base_url=base_url, session=session, headers=headers, checks=CHECKS, timeout=30
+        )
+        key = f"{case.operation.label} {response.status_code}"
+        stats[key] = stats.get(key, 0) + 1
+
+    run()
+
+
+def fuzz_every_operation(
+    server: Server,
+    examples: int,
+    headers: dict[str, str] | None = None,
+    negative: bool = True,
+    key: str | None = None,
+) -> dict[str, int]:
+    """Fuzz with `headers` on every request; {"<operation> <status>": count}.
+
+    `key` fetches the document itself, when the server wants one.
+    """
+    import requests
+
+    schema = schemathesis.openapi.from_url(
+        server.url + "/docs.json", headers={"X-API-Key": key} if key else {}
+    )
+    assert schema.raw_schema["info"]["title"] == "Lantern"
+    session = requests.Session()
+    stats: dict[str, int] = {"cases": 0}
+    failures: list[str] = []
+    started = time.monotonic()
+    operations = [result.ok() for result in schema.get_all_operations()]
+    for operation in operations:
+        raw = schema.raw_schema["paths"][operation.path][operation.method.lower()]
+        runs = [(operation.as_strategy(), examples)]
+        # Path parameters are free-form strings: only a query or a body can be invalid.
+        query = [p for p in raw.get("parameters", []) if p["in"] == "query"]
+        if negative and (query or "requestBody" in raw):
+            runs.append((operation.as_strategy(generation_mode=GenerationMode.NEGATIVE), examples))
+        if operation.path.startswith("/jobs/"):  # the stored job, and one of its files
+            runs.append((operation.as_strategy(path_parameters={"job_id": JOB_ID}), examples))
+            runs.append((operation.as_strategy(path_parameters={"job_id": UNKNOWN_JOB}), 1))
+            if "{name}" in operation.path:
+                known = {"job_id": JOB_ID, "name": ARTIFACT}
+                runs.append((operation.as_strategy(path_parameters=known), 1))
+        for strategy, n in runs:
+            try:
+                _fuzz(strategy, n, server.url, session, stats, headers)
+            except BaseException as e:  # hypothesis raises exception groups
+                if isinstance(e, KeyboardInterrupt):
+                    raise
+                failures.append(f"{operation.label}: {e}")
+    elapsed = time.monotonic() - started
+    cases = stats.pop("cases")
+    print(f"\nschemathesis: {cases} cases over {len(operations)} operations in {elapsed:.1f} s")
+    print("\n".join(f"  {key}: {n}" for key, n in sorted(stats.items())))
+    assert not failures, "\n\n".join(failures) + "\n\nserver log:\n" + server.log_text()[-3000:]
+    assert {op.label for op in operations} == OPERATIONS
+    return stats
+
+
+@pytest.mark.timeout(240)
+def test_fuzzing_finds_no_server_error_and_no_undocumented_answer(server: Server) -> None:
+    started = time.monotonic()
+    stats = fuzz_every_operation(server, EXAMPLES)
+    answered = {key.rsplit(" ", 1)[1] for key in stats}
+    assert {"200", "202", "400", "404", "413", "415", "422"} <= answered
+    assert sum(stats.values()) >= 300
+    assert time.monotonic() - started < 120
+
+
+@pytest.mark.timeout(180)
+def test_with_api_keys_set_every_protected_route_answers_the_documented_401(
+    keyed_server: Server,
+) -> None:
+    import httpx
+
+    assert httpx.get(keyed_server.url + "/docs.json", timeout=10).status_code == 401
+    wrong = {"X-API-Key": "wrong"}
+    stats = fuzz_every_operation(keyed_server, 10, headers=wrong, negative=False, key=KEY)
+    assert {key for key in stats if not key.endswith(" 401")} == {
+        "GET /livez 200",
+        "GET /readyz 200",
+    }
+    # With the key, the same document holds.
+    right = {"X-API-Key": KEY}
+    stats = fuzz_every_operation(keyed_server, 10, headers=right, negative=False, key=KEY)
+    assert not any(key.endswith(" 401") for key in stats)
+
+
+def test_the_served_document_is_the_one_built_from_the_app(server: Server) -> None:
+    import httpx
+
+    from service.api import app
+    from service.openapi import build_document
+
+    served = httpx.get(server.url + "/docs.json", timeout=10)
+    assert served.status_code == 200
+    assert served.json() == json.loads(json.dumps(build_document(app)))
+    docs_page = httpx.get(server.url + "/docs", timeout=10)
+    assert docs_page.status_code == 200 and "swagger-ui" in docs_page.text
+    assert httpx.get(server.url + "/static_content/swagger-ui-bundle.js", timeout=10).is_success
