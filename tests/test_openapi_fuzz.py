@@ -24,6 +24,7 @@ from schemathesis import GenerationMode  # noqa: E402
 from schemathesis.checks import not_a_server_error  # noqa: E402
 from schemathesis.specs.openapi.checks import (  # noqa: E402
     content_type_conformance,
+    negative_data_rejection,
     response_headers_conformance,
     response_schema_conformance,
     status_code_conformance,
@@ -46,6 +47,7 @@ EXAMPLES = 50  # per operation and generation mode
 SEED = 20261201
 CHECKS = [
     not_a_server_error,
+    negative_data_rejection,
     status_code_conformance,
     content_type_conformance,
     response_headers_conformance,
@@ -232,3 +234,37 @@ def test_the_served_document_is_the_one_built_from_the_app(server: Server) -> No
     docs_page = httpx.get(server.url + "/docs", timeout=10)
     assert docs_page.status_code == 200 and "swagger-ui" in docs_page.text
     assert httpx.get(server.url + "/static_content/swagger-ui-bundle.js", timeout=10).is_success
+
+
+@pytest.mark.browser
+def test_swagger_ui_at_docs_renders_every_operation(server: Server) -> None:
+    """/docs in Debian's Chromium: Swagger UI reads /docs.json and lists every operation."""
+    from playwright.sync_api import sync_playwright
+
+    from tests.test_page import CHROMIUM, CHROMIUM_ARGS
+
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(f"no Chromium at {CHROMIUM}: install Debian's package (README)")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(server.url + "/docs")
+            page.wait_for_selector(".opblock", timeout=30_000)
+            title = page.inner_text(".info .title")
+            shown = set(
+                page.eval_on_selector_all(
+                    ".opblock",
+                    "blocks => blocks.map(b => b.querySelector('.opblock-summary-method')"
+                    ".innerText + ' ' + b.querySelector('.opblock-summary-path')"
+                    ".getAttribute('data-path'))",
+                )
+            )
+            resolver_errors = page.query_selector_all(".errors-wrapper")
+        finally:
+            browser.close()
+    assert title.startswith("Lantern") and "0.1.0" in title.replace("\n", " ")
+    assert shown == OPERATIONS
+    assert not resolver_errors and not errors
