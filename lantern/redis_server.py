@@ -6,6 +6,7 @@ wheel carries, so `pip install` alone is enough to get a working Redis.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import time
@@ -32,30 +33,45 @@ def start_redis(
     *,
     persist: bool = True,
     password: str | None = None,
+    appendfsync: str = "everysec",
     timeout: float = 15.0,
 ) -> subprocess.Popen[bytes]:
     """Start redis-server on 127.0.0.1:`port` and wait until it answers PING.
 
-    With `persist`, the append-only file in `data_dir` keeps queued jobs across restarts.
+    With `persist`, the append-only file in `data_dir` keeps queued jobs across restarts;
+    `appendfsync` is Redis's fsync policy for it ("everysec" or "always"). A `password`
+    goes into a config file readable only by this user (`data_dir/redis.conf`), never on
+    the command line, where any local user could read it in the process list.
     """
     import redis
 
+    if appendfsync not in ("everysec", "always"):
+        raise QueueUnavailable(f"appendfsync must be everysec or always, not {appendfsync!r}")
     data_dir.mkdir(parents=True, exist_ok=True)
-    args = [
-        redis_server_binary(),
+    args = [redis_server_binary()]
+    if password:
+        conf = data_dir / "redis.conf"
+        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"requirepass {password}\n")
+        conf.chmod(0o600)
+        args.append(str(conf.resolve()))
+    args += [
         "--port",
         str(port),
         "--bind",
         "127.0.0.1",
+        "--protected-mode",
+        "yes",
         "--dir",
         str(data_dir.resolve()),
         "--appendonly",
         "yes" if persist else "no",
+        "--appendfsync",
+        appendfsync,
         "--save",
         "",
     ]
-    if password:
-        args += ["--requirepass", password]
     # Its own session: a Ctrl-C meant for `lantern up` must not stop Redis before the
     # workers have finished with it; the caller stops it last.
     proc = subprocess.Popen(

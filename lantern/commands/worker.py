@@ -43,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
     settings = get_settings().model_copy(update=overrides)
     connection = redis.Redis.from_url(settings.redis_url)
     try:
-        connection.ping()
+        # A Redis that is restarting is waited for; a wrong password is not.
+        retry_redis("reach Redis", connection.ping, settings.redis_retry_seconds)
     except redis.AuthenticationError as e:
         raise QueueUnavailable(
             f"Redis at {_safe_url(settings.redis_url)} refused the password ({e}); check REDIS_URL"
@@ -54,7 +55,15 @@ def run(args: argparse.Namespace) -> int:
             "REDIS_URL"
         ) from None
     level = "DEBUG" if args.verbose else "INFO"
-    worker = ExplainWorker(connection, settings, device=settings.device, name=args.name)
+
+    def new_worker(name: str | None) -> ExplainWorker:
+        return retry_redis(
+            "register the worker",
+            lambda: ExplainWorker(connection, settings, device=settings.device, name=name),
+            settings.redis_retry_seconds,
+        )
+
+    worker = new_worker(args.name)
     worker.warm_up()
     while True:
         worker.work(burst=args.burst, logging_level=level)
@@ -64,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         # wait for Redis and start again rather than exit with jobs still queued.
         print("worker loop ended unexpectedly; waiting for Redis to resume", file=sys.stderr)
         retry_redis("reach Redis", connection.ping, deadline_s=float("inf"))
-        worker = ExplainWorker(connection, settings, device=settings.device)
+        worker = new_worker(None)
 
 
 def _safe_url(url: str) -> str:
