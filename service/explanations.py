@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from lantern.errors import (
     InputError,
@@ -33,7 +35,7 @@ from lantern.jobs import (
     job_status,
 )
 from lantern.settings import Settings
-from lantern.store import check_file_name, open_store
+from lantern.store import ArtifactStore, check_file_name, open_store, read_manifest
 from models.bundle import Bundle
 
 CONTENT_TYPES = {".png": "image/png", ".npy": "application/octet-stream"}
@@ -109,8 +111,14 @@ class Explanations:
         self.bundle = bundle
         self.store = open_store(settings)
         # Connects lazily: the API starts, and /predict works, with Redis down.
+        # Few, quick retries: one reconnects a pooled connection after a Redis restart;
+        # redis-py's default (3, backing off up to seconds) would hold a request that
+        # could answer 503 at once, or 200 from a finished job's manifest.
         self.redis = redis.Redis.from_url(
-            settings.redis_url, socket_connect_timeout=2, socket_timeout=10
+            settings.redis_url,
+            socket_connect_timeout=2,
+            socket_timeout=10,
+            retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), 2),
         )
 
     def submit(
@@ -136,8 +144,14 @@ class Explanations:
 
     def status(self, job_id: str) -> dict[str, Any]:
         check_job_id_format(job_id)
-        with _queue_errors():
-            status = job_status(self.redis, job_id, self.store, self.settings)
+        try:
+            with _queue_errors():
+                status = job_status(self.redis, job_id, self.store, self.settings)
+        except QueueUnavailable:
+            # A finished job's manifest is on disk (written last): it needs no Redis.
+            status = finished_from_manifest(self.store, job_id)
+            if status is None:
+                raise
         if status is None:
             raise JobNotFound(f"no job {job_id} (unknown, or expired after its time to live)")
         manifest = status.get("manifest")
@@ -158,6 +172,21 @@ class Explanations:
         suffix = "." + name.rsplit(".", 1)[-1].lower() if "." in name else ""
         content_type = CONTENT_TYPES.get(suffix) or _INPUT_TYPES.get(suffix)
         return self.store.read(job_id, name), content_type or "application/octet-stream"
+
+
+def finished_from_manifest(store: ArtifactStore, job_id: str) -> dict[str, Any] | None:
+    """The status of a finished job read from its manifest alone, or None without one."""
+    manifest = read_manifest(store, job_id)
+    if manifest is None:
+        return None
+    n = len(manifest.get("images", []))
+    return {
+        "id": job_id,
+        "status": JobStatus.FINISHED,
+        "progress": {"done": n, "total": n},
+        "error": None,
+        "manifest": manifest,
+    }
 
 
 @contextmanager
