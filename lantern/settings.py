@@ -10,7 +10,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -91,6 +91,19 @@ class Settings(BaseSettings):
     ort_provider: str = Field(
         "auto", description="ONNX Runtime execution provider: auto, cpu or cuda."
     )
+    api_keys: SecretStr = Field(
+        SecretStr(""),
+        description="API keys, comma-separated (empty: no authentication). When set, every "
+        "route but /livez, /readyz and the web page's static files needs "
+        "`Authorization: Bearer <key>` or `X-API-Key: <key>`.",
+    )
+    metrics_public: bool = Field(
+        False, description="Leave /metrics open without an API key (for a Prometheus scraper)."
+    )
+
+    def api_key_list(self) -> list[str]:
+        """The configured API keys (empty: authentication is off)."""
+        return [k.strip() for k in self.api_keys.get_secret_value().split(",") if k.strip()]
 
 
 @lru_cache(maxsize=1)

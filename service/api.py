@@ -21,6 +21,7 @@ from service.batcher import Overloaded
 from service.jobs_api import register_error_handlers
 from service.jobs_api import router as jobs_router
 from service.openapi import PREDICT_BATCH_RESPONSES, PREDICT_RESPONSES
+from service.status_api import router as status_router
 from service.uploads import read_uploads
 
 if TYPE_CHECKING:
@@ -127,6 +128,7 @@ async def predict_batch(request: Request, top_k: int = TopK) -> dict[str, Any]:
 
 
 app.include_router(jobs_router)
+app.include_router(status_router)
 register_error_handlers(app)
 
 

@@ -30,9 +30,11 @@ from service.api import app
 from service.batcher import MicroBatcher
 from service.error_bodies import ErrorBodies
 from service.explanations import Explanations
+from service.gateway import ApiKeyMiddleware, install_templated_metrics
 from service.images import decode_image
 from service.metrics import record_batch, record_model_info
 from service.openapi import OpenAPIDocument
+from service.status_api import ExplainProbe
 from service.uploads import Upload
 
 log = logging.getLogger("lantern.service")
@@ -75,10 +77,15 @@ class Lantern:
             observe=record_batch,
         )
         self.explanations = Explanations(self.settings, self.bundle)
+        self.explain_probe = ExplainProbe(self.settings)
         record_model_info(self.bundle)
 
     async def __is_ready__(self) -> bool:
         return self.session is not None
+
+    def __metrics__(self, content: str) -> str:
+        """BentoML's /metrics hook: append the explanation side, read from Redis now."""
+        return content + self.explain_probe.metrics_text()
 
     @bentoml.on_shutdown
     async def close_batcher(self) -> None:
@@ -111,6 +118,14 @@ class Lantern:
             for i, p in zip(top.class_indices, top.probabilities, strict=True)
         ]
         return {**ranked[0], "top_k": ranked, "model_version": self.bundle.version}
+
+
+# Request metrics by route template, not raw path; API keys in front of every route,
+# BentoML's /metrics and /docs.json included (service.gateway explains the order).
+install_templated_metrics()
+# First in the list is outermost: keys are checked before any other Lantern middleware
+# (one that serves a route itself, like /docs.json, included).
+Lantern.middlewares.insert(0, (ApiKeyMiddleware, {}))  # type: ignore[attr-defined]
 
 
 # /docs.json: Lantern's own OpenAPI document instead of BentoML's template (service.openapi).

@@ -28,13 +28,14 @@ class Stack:
         return self.server.url
 
 
-def start_stack(tag: str, tmp: Path) -> Stack:
+def start_stack(tag: str, tmp: Path, server_env: dict[str, str] | None = None) -> Stack:
+    """`server_env`: more environment for `lantern serve` only (e.g. LANTERN_API_KEYS)."""
     redis = start_redis(tmp / "redis")
     artifacts = tmp / "artifacts"
     env = worker_env(redis.url, artifacts, tag)
     worker = start_worker(env, tmp / "worker.log")
     shared = {k: env[k] for k in ("REDIS_URL", "LANTERN_ARTIFACT_DIR", "LANTERN_QUEUE")}
-    server = start_server(tag, tmp / "server.log", extra_env=shared)
+    server = start_server(tag, tmp / "server.log", extra_env={**shared, **(server_env or {})})
     return Stack(redis, worker, server, artifacts, env)
 
 
