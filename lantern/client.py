@@ -7,6 +7,8 @@ and turns every way a call can go wrong into a LanternError a person can act on:
     ├── ServiceUnreachable   nothing answers at the URL (connection refused, DNS, timeout)
     ├── RequestRejected      4xx: the service refused the request; .status and the server's
     │                        own message (a bad file, too many images, a bad parameter)
+    ├── Unauthorized         401: no API key, or not one the service accepts (every later
+    │                        request would fail the same way, so the batch commands stop)
     ├── ServiceError         5xx, or an answer that is not the API's (503: queue is down)
     └── JobFailed            an explanation job that ended in "failed"; the job's error
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
+import os
 import re
 import time
 from collections import Counter, deque
@@ -33,11 +36,17 @@ DEFAULT_TIMEOUT_S = 120.0  # a batch on a busy CPU-only server can take a while
 POLL_INTERVAL_S = 0.5
 TERMINAL = ("finished", "failed")
 
+API_KEY_ENV = "LANTERN_API_KEY"
+
 T = TypeVar("T")
 ImageFile = tuple[str, bytes]  # (file name sent to the service, the encoded image)
 
 
 class ServiceUnreachable(LanternError):
+    pass
+
+
+class Unauthorized(LanternError):
     pass
 
 
@@ -83,9 +92,18 @@ def quiet_http_logs(verbose: bool = False) -> None:
 class LanternClient:
     """One connection pool to the service at `url`. Use as a context manager, or close()."""
 
-    def __init__(self, url: str = DEFAULT_URL, timeout: float = DEFAULT_TIMEOUT_S):
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        api_key: str | None = None,
+    ):
+        """`api_key`: sent as `Authorization: Bearer <key>` on every request; None reads
+        the LANTERN_API_KEY environment variable (unset or empty: no key)."""
         self.url = url.rstrip("/")
-        self._http = httpx.Client(base_url=self.url, timeout=timeout)
+        key = api_key if api_key is not None else os.environ.get(API_KEY_ENV, "")
+        headers = {"Authorization": f"Bearer {key.strip()}"} if key.strip() else {}
+        self._http = httpx.Client(base_url=self.url, timeout=timeout, headers=headers)
 
     def __enter__(self) -> LanternClient:
         return self
@@ -203,6 +221,11 @@ class LanternClient:
             ) from None
         if response.status_code >= 400:
             message = _error_message(response)
+            if response.status_code == 401:
+                raise Unauthorized(
+                    f"the Lantern service at {self.url} refused the request: {message} "
+                    f"(pass --api-key, or set {API_KEY_ENV})"
+                )
             if response.status_code < 500:
                 raise RequestRejected(message, response.status_code)
             raise ServiceError(

@@ -48,6 +48,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="image files or folders")
     p.add_argument("--url", default=DEFAULT_URL, help="the Lantern service")
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="the service's API key (default: the LANTERN_API_KEY environment variable)",
+    )
     p.add_argument("--out", type=Path, required=True, help="folder to write the results into")
     p.add_argument(
         "--methods",
@@ -124,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
             todo.append(image)
     already = len(images) - len(todo)
     try:
-        with LanternClient(args.url) as client:
+        with LanternClient(args.url, api_key=args.api_key) as client:
             _Run(client, args, methods, request, outcomes).explain(todo, len(images), already)
     finally:
         _write_csv(args.out / CSV_FILE, images, outcomes)

@@ -39,6 +39,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="image files or folders")
     p.add_argument("--url", default=DEFAULT_URL, help="the Lantern service")
     p.add_argument(
+        "--api-key",
+        default=None,
+        help="the service's API key (default: the LANTERN_API_KEY environment variable)",
+    )
+    p.add_argument(
         "--out",
         type=Path,
         default=None,
@@ -98,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         disable=args.no_progress or not sys.stderr.isatty(),
     )
     try:
-        with LanternClient(args.url) as client:
+        with LanternClient(args.url, api_key=args.api_key) as client:
             while batches:
                 chunk = batches.next()
                 try:
