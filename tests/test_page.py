@@ -20,6 +20,7 @@ import pytest
 
 from models.data import draw_shape
 from tests.conftest import TINY_CLASSES
+from tests.service_fixtures import start_server, stop_server
 from tests.stack_fixtures import Stack, stack  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser]
@@ -143,6 +144,88 @@ def test_a_file_that_is_not_an_image_shows_the_servers_message(page: Any) -> Non
     assert "notes.png" in text and "not an image" in text, text
     assert page.locator("#explain-section").is_hidden()
     assert page.errors == []
+
+
+PAGE_KEY = "page-test-key-0123456789"
+
+
+@pytest.fixture(scope="module")
+def keyed_url(stack: Stack, tiny_bundle, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:  # noqa: F811  # type: ignore[no-untyped-def]
+    """A second `lantern serve` with LANTERN_API_KEYS, on the stack's Redis and worker."""
+    shared = {k: stack.env[k] for k in ("REDIS_URL", "LANTERN_ARTIFACT_DIR", "LANTERN_QUEUE")}
+    server = start_server(
+        tiny_bundle.tag,
+        tmp_path_factory.mktemp("keyed") / "server.log",
+        extra_env={**shared, "LANTERN_API_KEYS": f"other-key,{PAGE_KEY}"},
+    )
+    yield server.url
+    stop_server(server)
+
+
+def test_the_page_asks_for_the_api_key_once_and_sends_it_everywhere(
+    browser: Any, keyed_url: str
+) -> None:
+    context = browser.new_context(viewport={"width": 1200, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    sent: list[tuple[str, str | None]] = []
+    page.on(
+        "request",
+        lambda r: (
+            sent.append((r.url, r.headers.get("authorization")))
+            if "/jobs/" in r.url or "predict" in r.url or "explain" in r.url
+            else None
+        ),
+    )
+    page.goto(keyed_url + "/")
+    assert page.locator("#key-form").is_hidden()  # no prompt until the API answers 401
+
+    page.set_input_files("#file-input", files=[shape_file(3)])
+    page.wait_for_selector("#key-form:not([hidden])")
+    assert "needs an API key" in page.inner_text("#key-message")
+    page.fill("#key-input", "a-wrong-key")
+    page.click("#key-submit")
+    page.wait_for_selector("#key-form:not([hidden])")
+    page.wait_for_function(
+        "() => document.getElementById('key-message').textContent.includes('not accepted')"
+    )
+    page.fill("#key-input", PAGE_KEY)
+    page.click("#key-submit")
+    page.wait_for_selector("#bars li")
+    assert page.locator("#key-form").is_hidden()
+    assert page.evaluate("sessionStorage.getItem('lantern.apiKey')") == PAGE_KEY
+
+    page.check('input[name="methods"][value="saliency"]')
+    page.click("#explain-button")
+    page.wait_for_selector("#results-section:not([hidden])")
+    page.wait_for_function(
+        "() => Array.from(document.querySelectorAll('#results img'))"
+        ".every(img => img.complete && img.naturalWidth > 0)"
+    )
+    assert page.locator("#error").is_hidden()
+    srcs = page.eval_on_selector_all("#results img", "imgs => imgs.map(i => i.src)")
+    assert len(srcs) == 2 * 3 and all(src.startswith("blob:") for src in srcs)
+    accepted = [auth for _, auth in sent].index(f"Bearer {PAGE_KEY}")
+    assert [auth for _, auth in sent[:accepted]] == [None, "Bearer a-wrong-key"]
+    assert all(auth == f"Bearer {PAGE_KEY}" for _, auth in sent[accepted:]), sent
+    artifacts = [url for url, _ in sent[accepted:] if url.endswith(".png")]
+    assert len(artifacts) == 4, artifacts  # heatmap and overlay of both methods
+
+    # A download link fetches with the key too.
+    with page.expect_download() as download:
+        page.click("#downloads summary")
+        page.locator("#download-list a").first.click()
+    assert Path(download.value.path()).stat().st_size > 0
+
+    # The key lasts for the tab: a reload asks no more.
+    page.reload()
+    page.set_input_files("#file-input", files=[shape_file(0)])
+    page.wait_for_selector("#bars li")
+    assert page.locator("#key-form").is_hidden()
+    assert errors == []
+    context.close()
 
 
 def test_explanations_while_redis_is_down_show_a_readable_message(

@@ -5,6 +5,11 @@
 //   GET  jobs/{id}                status, progress, manifest          -> progress bar, results
 //   GET  jobs/{id}/{file}         each artifact                       -> <img> and download links
 //
+// When the service has API keys (LANTERN_API_KEYS) and answers 401, the page asks for a key
+// once, keeps it in sessionStorage for this tab, and sends it as `Authorization: Bearer` on
+// every request; images and downloads are fetched as blobs, since <img src> and links
+// cannot carry a header.
+//
 // Every failure ends up in the banner as a sentence: the API's {"error": "..."} message,
 // a failed job's reason, or what to do when the service cannot be reached.
 "use strict";
@@ -53,6 +58,9 @@
     resultsSummary: $("results-summary"),
     results: $("results"),
     downloadList: $("download-list"),
+    keyForm: $("key-form"),
+    keyMessage: $("key-message"),
+    keyInput: $("key-input"),
   };
 
   // Each new image or explanation bumps the generation; stale answers are dropped.
@@ -64,10 +72,74 @@
 
   class ApiError extends Error {}
 
+  const KEY_STORAGE = "lantern.apiKey";
+  let apiKey = sessionStorage.getItem(KEY_STORAGE);
+  let keyRequest = null; // one prompt shared by every request that got a 401
+
+  // fetch() with the API key; on 401 ask for a (new) key and send the request again.
+  async function authorizedFetch(path, options) {
+    for (;;) {
+      const sentKey = apiKey;
+      const init = Object.assign({}, options || {});
+      const headers = new Headers(init.headers || {});
+      if (sentKey) headers.set("Authorization", "Bearer " + sentKey);
+      init.headers = headers;
+      const response = await fetch(path, init);
+      if (response.status !== 401) return response;
+      let message = "";
+      try {
+        const body = await response.json();
+        message = body && typeof body.error === "string" ? body.error : "";
+      } catch (e) {
+        message = "";
+      }
+      if (apiKey === sentKey) {
+        // Not yet replaced by another request's prompt: this key is missing or wrong.
+        apiKey = null;
+        sessionStorage.removeItem(KEY_STORAGE);
+        await askForKey(
+          sentKey
+            ? "That API key was not accepted. Enter a valid key for this Lantern service."
+            : "This Lantern service needs an API key" + (message ? " (" + message + ")" : "") + "."
+        );
+      }
+    }
+  }
+
+  function askForKey(message) {
+    if (keyRequest) return keyRequest;
+    keyRequest = new Promise((resolve) => {
+      el.keyMessage.textContent = message;
+      el.keyInput.value = "";
+      el.keyForm.hidden = false;
+      el.keyInput.focus();
+      const onSubmit = (event) => {
+        event.preventDefault();
+        const key = el.keyInput.value.trim();
+        if (!key) return;
+        el.keyForm.removeEventListener("submit", onSubmit);
+        el.keyForm.hidden = true;
+        apiKey = key;
+        sessionStorage.setItem(KEY_STORAGE, key);
+        keyRequest = null;
+        resolve(key);
+      };
+      el.keyForm.addEventListener("submit", onSubmit);
+    });
+    return keyRequest;
+  }
+
+  // An artifact as an object URL (an <img src> cannot send the key).
+  async function blobUrl(path) {
+    const response = await authorizedFetch(path);
+    if (!response.ok) throw new ApiError("HTTP " + response.status);
+    return URL.createObjectURL(await response.blob());
+  }
+
   async function api(path, options) {
     let response;
     try {
-      response = await fetch(path, options);
+      response = await authorizedFetch(path, options);
     } catch (e) {
       throw new ApiError(
         "Cannot reach the Lantern service. Check that it is running (`lantern up`) and reload the page."
@@ -336,6 +408,20 @@
           const a = document.createElement("a");
           a.href = urls[key];
           a.download = urls[key].split("/").pop();
+          a.addEventListener("click", (event) => {
+            if (!apiKey) return; // a plain link works without keys
+            event.preventDefault();
+            blobUrl(urls[key]).then(
+              (url) => {
+                const save = document.createElement("a");
+                save.href = url;
+                save.download = a.download;
+                save.click();
+                setTimeout(() => URL.revokeObjectURL(url), 60000);
+              },
+              () => showError("Could not download " + a.download + ".")
+            );
+          });
           const [method, kind] = key.split(".");
           a.textContent = (METHOD_NAMES[method] || method) + " — " + (KIND_NAMES[kind] || kind);
           li.append(a);
@@ -348,13 +434,20 @@
   function figure(src, caption, alt) {
     const fig = document.createElement("figure");
     const img = document.createElement("img");
-    img.src = src;
     img.alt = alt;
     img.loading = "eager";
-    img.addEventListener("error", () => {
+    const broken = () => {
       fig.classList.add("broken");
       showError("Could not load " + caption.toLowerCase() + " from " + src + ".");
-    });
+    };
+    img.addEventListener("error", broken);
+    if (src.startsWith("blob:")) {
+      img.src = src;
+    } else {
+      blobUrl(src).then((url) => {
+        img.src = url;
+      }, broken);
+    }
     const cap = document.createElement("figcaption");
     cap.textContent = caption;
     fig.append(img, cap);
