@@ -157,6 +157,17 @@ ARTIFACT_RESPONSES: dict[int | str, dict[str, Any]] = {
     ),
 }
 
+_RETRY_AFTER = {
+    "Retry-After": {
+        "description": "Seconds to wait before retrying.",
+        "required": True,
+        "schema": {"type": "integer", "minimum": 0},
+    }
+}
+# QueueUnavailable's 503 carries Retry-After (service.jobs_api._queue_down); Overloaded's not.
+for _responses in (EXPLAIN_RESPONSES, JOB_RESPONSES):
+    _responses[503]["headers"] = _RETRY_AFTER
+
 # --- the routes BentoML owns, and the cross-cutting parts ------------------------------
 
 _TEXT = {"text/plain": {"schema": {"type": "string"}}}

@@ -92,6 +92,13 @@ def test_every_error_response_is_the_error_body(doc: dict[str, Any]) -> None:
     assert "HTTPValidationError" not in json.dumps(doc)
 
 
+def test_the_queue_503_documents_its_retry_after_header(doc: dict[str, Any]) -> None:
+    for path, method in (("/explain", "post"), ("/jobs/{job_id}", "get")):
+        header = doc["paths"][path][method]["responses"]["503"]["headers"]["Retry-After"]
+        assert header["required"] and header["schema"]["type"] == "integer"
+    assert "headers" not in doc["paths"]["/predict"]["post"]["responses"]["503"]  # Overloaded
+
+
 def test_artifacts_are_png_or_octet_stream_not_json(doc: dict[str, Any]) -> None:
     content = doc["paths"]["/jobs/{job_id}/{name}"]["get"]["responses"]["200"]["content"]
     assert "application/json" not in content
