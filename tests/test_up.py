@@ -45,75 +45,184 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def test_up_runs_redis_a_worker_and_the_api_and_ctrl_c_stops_them_all(
-    tiny_bundle, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
-    port, redis_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "LANTERN_REDIS_URL")}
-    env.update(
-        {
-            "LANTERN_MODEL": tiny_bundle.tag,
-            "LANTERN_ORT_THREADS": "1",
-            "LANTERN_DEVICE": "cpu",
-            "OMP_NUM_THREADS": "1",
-        }
-    )
+def _start_up(tmp_path: Path, env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
     log = (tmp_path / "up.log").open("wb")
-    up = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "lantern.cli",
-            "up",
-            "--port",
-            str(port),
-            "--redis-port",
-            str(redis_port),
-            "--data-dir",
-            str(tmp_path / "var"),
-        ],
+    return subprocess.Popen(
+        [sys.executable, "-m", "lantern.cli", "up", "--data-dir", str(tmp_path / "var"), *args],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
         cwd=tmp_path,
         start_new_session=True,  # like a terminal: we signal the whole group below
     )
+
+
+def _up_env(tag: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "LANTERN_REDIS_URL")}
+    env.update(
+        {
+            "LANTERN_MODEL": tag,
+            "LANTERN_ORT_THREADS": "1",
+            "LANTERN_DEVICE": "cpu",
+            "OMP_NUM_THREADS": "1",
+            "LANTERN_WORKER_HEARTBEAT_SECONDS": "1",
+            "LANTERN_WORKER_MAINTENANCE_SECONDS": "2",
+        }
+    )
+    return env
+
+
+def _wait_log(tmp_path: Path, text: str, timeout: float, after: int = 0) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in (tmp_path / "up.log").read_text(errors="replace")[after:]:
+        assert time.monotonic() < deadline, (
+            f"{text!r} not in the log after {timeout:.0f} s:\n"
+            + (tmp_path / "up.log").read_text(errors="replace")[-3000:]
+        )
+        time.sleep(0.3)
+
+
+def _log_size(tmp_path: Path) -> int:
+    return len((tmp_path / "up.log").read_text(errors="replace"))
+
+
+def _pid_of(parent: int, needle: str) -> int:
+    """The child of `parent` whose command line contains `needle`."""
+    for pid in _children(parent):
+        try:
+            cmdline = (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if needle.encode() in cmdline and _alive(pid):
+            return pid
+    raise AssertionError(f"no child running {needle!r}")
+
+
+def _explain_and_wait(url: str, image: bytes, timeout: float = 120) -> None:
+    files = {"images": ("x.png", image, "image/png")}
+    submitted = httpx.post(f"{url}/explain", files=files, timeout=30)
+    assert submitted.status_code in (200, 202), submitted.text
+    job_url = url + submitted.json()["status_url"]
+    deadline = time.monotonic() + timeout
+    while (status := httpx.get(job_url, timeout=10).json())["status"] != "finished":
+        assert status["status"] != "failed", status
+        assert time.monotonic() < deadline, status
+        time.sleep(0.3)
+
+
+def _predicts(url: str) -> bool:
+    files = {"image": ("a.png", shape_png(1), "image/png")}
+    r = httpx.post(f"{url}/predict", files=files, timeout=30)
+    return r.status_code == 200 and r.json()["label"] in TINY_CLASSES
+
+
+def test_up_runs_redis_a_worker_and_the_api_restarts_what_dies_and_ctrl_c_stops_them_all(
+    tiny_bundle, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    import redis
+
+    port, redis_port = free_port(), free_port()
+    up = _start_up(
+        tmp_path, _up_env(tiny_bundle.tag), "--port", str(port), "--redis-port", str(redis_port)
+    )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while "Lantern is up." not in (tmp_path / "up.log").read_text(errors="replace"):
-            assert up.poll() is None, (tmp_path / "up.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "lantern up did not come up in 180 s"
-            time.sleep(0.5)
-
+        _wait_log(tmp_path, "Lantern is up.", 180)
         children = _children(up.pid)
         assert len(children) >= 3  # redis-server, a worker, bentoml serve (+ its workers)
 
-        # its own Redis, persistent, on the port asked for
-        assert (tmp_path / "var" / "redis").is_dir()
-        files = {"image": ("a.png", shape_png(1), "image/png")}
-        predicted = httpx.post(f"{url}/predict", files=files, timeout=30)
-        assert predicted.status_code == 200 and predicted.json()["label"] in TINY_CLASSES
+        # Its own Redis, persistent, private: a password kept 0600, asked of every client.
+        password_file = tmp_path / "var" / "redis" / "password"
+        assert password_file.stat().st_mode & 0o777 == 0o600
+        password = password_file.read_text().strip()
+        assert len(password) >= 32
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=redis_port).ping()
+        assert redis.Redis(port=redis_port, password=password).ping()
+        assert password not in (tmp_path / "up.log").read_text(errors="replace")
+        redis_pid = _pid_of(up.pid, "redis-server")
+        assert password not in (Path("/proc") / str(redis_pid) / "cmdline").read_text()
 
+        assert _predicts(url)
         # an explanation goes through the worker that `up` started
-        submitted = httpx.post(f"{url}/explain", files={"images": files["image"]}, timeout=30)
-        assert submitted.status_code == 202, submitted.text
-        job_url = url + submitted.json()["status_url"]
-        while (status := httpx.get(job_url, timeout=10).json())["status"] != "finished":
-            assert status["status"] != "failed", status
-            assert time.monotonic() < deadline + 60, status
-            time.sleep(0.3)
-        assert (tmp_path / "var" / "artifacts" / submitted.json()["job_id"]).is_dir()
+        _explain_and_wait(url, shape_png(1))
+
+        # A worker SIGKILLed is restarted; /predict answers meanwhile.
+        worker = _pid_of(up.pid, "lantern.cli worker")
+        mark = _log_size(tmp_path)
+        os.kill(worker, signal.SIGKILL)
+        _wait_log(tmp_path, "worker-1 exited with status -9; restarting", 15, mark)
+        assert _predicts(url)
+        _wait_log(tmp_path, "worker-1 restarted", 30, mark)
+        assert _pid_of(up.pid, "lantern.cli worker") != worker
+
+        # Redis SIGKILLed is restarted on the same data; /predict answers meanwhile, and
+        # the (same) worker and API take new explanations afterwards.
+        mark = _log_size(tmp_path)
+        os.kill(redis_pid, signal.SIGKILL)
+        assert _predicts(url)
+        _wait_log(tmp_path, "redis restarted", 30, mark)
+        assert _pid_of(up.pid, "redis-server") != redis_pid
+        _explain_and_wait(url, shape_png(2, size=80))
+        assert _predicts(url)
 
         # Ctrl-C, as a terminal sends it: SIGINT to the foreground process group
+        children = _children(up.pid)
         os.killpg(up.pid, signal.SIGINT)
         assert up.wait(timeout=90) == 0
         time.sleep(0.5)
         assert not [pid for pid in children if _alive(pid)], "children outlived lantern up"
         text = (tmp_path / "up.log").read_text(errors="replace")
-        assert "Traceback" not in text, text[-3000:]
+        assert "keeps crashing" not in text, text[-3000:]
     finally:
         if up.poll() is None:
             os.killpg(up.pid, signal.SIGKILL)
         for pid in _children(up.pid):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_up_stops_everything_with_one_line_when_a_part_keeps_crashing(
+    tiny_bundle, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    # Workers that cannot reach their Redis exit at once; the API starts regardless.
+    env = _up_env(tiny_bundle.tag)
+    env.update(
+        {"REDIS_URL": f"redis://127.0.0.1:{free_port()}/0", "LANTERN_REDIS_RETRY_SECONDS": "0"}
+    )
+    up = _start_up(tmp_path, env, "--port", str(free_port()), "--max-restarts", "2")
+    try:
+        assert up.wait(timeout=240) == 1
+        text = (tmp_path / "up.log").read_text(errors="replace")
+        reasons = [line for line in text.splitlines() if "keeps crashing" in line]
+        assert reasons == [
+            "lantern up: worker-1 keeps crashing (exited with status 2 after 2 restarts in "
+            "60 s); stopping everything"
+        ], text[-3000:]
+        assert text.count("worker-1 restarted") == 2
+        time.sleep(0.5)
+        assert not [pid for pid in _children(up.pid) if _alive(pid)]
+    finally:
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGKILL)
+
+
+def test_up_warns_loudly_when_it_listens_on_all_interfaces_without_api_keys(
+    tiny_bundle, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    env = _up_env(tiny_bundle.tag)
+    env.pop("LANTERN_API_KEYS", None)
+    # A Redis URL on a closed port and no retries: the worker exits at once and the
+    # crash loop ends the run quickly; the warning comes before anything starts.
+    env.update(
+        {"REDIS_URL": f"redis://127.0.0.1:{free_port()}/0", "LANTERN_REDIS_RETRY_SECONDS": "0"}
+    )
+    up = _start_up(
+        tmp_path, env, "--host", "0.0.0.0", "--port", str(free_port()), "--max-restarts", "0"
+    )
+    try:
+        up.wait(timeout=240)
+        text = (tmp_path / "up.log").read_text(errors="replace")
+        assert "WARNING: the API listens on 0.0.0.0" in text and "LANTERN_API_KEYS" in text
+    finally:
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGKILL)
