@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -47,6 +48,7 @@ from rq.serializers import JSONSerializer
 from rq.utils import current_timestamp, now, utcformat
 
 from lantern.errors import LanternError
+from lantern.job_metrics import record_job
 from lantern.jobs import META_ERROR, explain_queue
 from lantern.redis_retry import REDIS_ERRORS, retry_redis
 from lantern.safe_job import LanternJob, refusal
@@ -114,6 +116,7 @@ class ExplainWorker(SimpleWorker):
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         execution = self._redis("record the start of a job", lambda: self.prepare_execution(job))
+        self._job_started = time.monotonic()
         self._beat = _Heartbeat(self, job, execution, float(self.job_monitoring_interval))
         try:
             self.perform_job(job, queue, execution)
@@ -164,12 +167,19 @@ class ExplainWorker(SimpleWorker):
                 job, queue, started_job_registry, execution
             ),
         )
+        record_job(self.connection, self._elapsed(), _image_count(job), "finished")
 
     def handle_job_failure(self, job: Job, queue: Queue, *args: Any, **kwargs: Any) -> None:
         # RQ logs, and does not raise, when it cannot write the failure: wait for Redis
         # first so the failure (or the retry) is really recorded.
         self._redis("record a failed job", lambda: self.connection.ping())
         super().handle_job_failure(job, queue, *args, **kwargs)
+        retried = job.get_status(refresh=False) != JobStatus.FAILED
+        outcome = "retried" if retried else "failed"
+        record_job(self.connection, self._elapsed(), _image_count(job), outcome)
+
+    def _elapsed(self) -> float:
+        return time.monotonic() - getattr(self, "_job_started", time.monotonic())
 
     def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
         if pipeline is not None:
@@ -227,6 +237,14 @@ class ExplainWorker(SimpleWorker):
                 self.log.info("Worker %s: expired artifacts of %d job(s)", self.name, len(removed))
         except OSError:
             self.log.exception("Worker %s: artifact expiry failed", self.name)
+
+
+def _image_count(job: Job) -> int:
+    """Images in a job's payload (0 for a refused or unreadable one)."""
+    try:
+        return len(job.args[0]["images"])
+    except Exception:
+        return 0
 
 
 class _Heartbeat:
