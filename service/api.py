@@ -20,7 +20,7 @@ from lantern.errors import InputError
 from service.batcher import Overloaded
 from service.jobs_api import register_error_handlers
 from service.jobs_api import router as jobs_router
-from service.openapi import PREDICT_BATCH_RESPONSES, PREDICT_RESPONSES
+from service.openapi import PREDICT_BATCH_RESPONSES, PREDICT_RESPONSES, operation_id
 from service.status_api import router as status_router
 from service.uploads import read_uploads
 
@@ -71,6 +71,7 @@ app = FastAPI(
     docs_url=None,
     redoc_url=None,
     openapi_url=None,
+    generate_unique_id_function=operation_id,
 )
 
 

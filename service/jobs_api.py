@@ -66,7 +66,12 @@ _OPTIONS_DOC = (
                             "images": {
                                 "type": "array",
                                 "items": {"type": "string", "format": "binary"},
-                            }
+                            },
+                            # The same options as the query parameters, as text fields.
+                            **{
+                                name: {"type": "string"}
+                                for name in ("methods", "targets", "layer", "activation_layer")
+                            },
                         },
                         "required": ["images"],
                     }

@@ -24,6 +24,7 @@ from pydantic import BaseModel, Field
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
+    from fastapi.routing import APIRoute
     from starlette.types import ASGIApp, Receive, Scope, Send
 
 DOCS_PATH = "/docs.json"
@@ -251,6 +252,11 @@ every route except `/livez` and `/readyz` (and `/metrics` when `LANTERN_METRICS_
 is true) needs `Authorization: Bearer <key>` or `X-API-Key: <key>`, and answers 401 with
 the error body without one.
 """
+
+
+def operation_id(route: APIRoute) -> str:
+    """The app's `generate_unique_id_function`: operationId is the route function's name."""
+    return route.name
 
 
 def package_version() -> str:

@@ -78,6 +78,21 @@ def test_every_callable_route_is_documented_with_what_it_answers(doc: dict[str, 
     assert documented == EXPECTED
 
 
+def test_operation_ids_are_the_route_names(doc: dict[str, Any]) -> None:
+    ids = {key: op["operationId"] for key, op in operations(doc).items()}
+    assert ids[("post", "/predict")] == "predict"
+    assert ids[("get", "/jobs/{job_id}/{name}")] == "artifact"
+    assert len(set(ids.values())) == len(ids)
+
+
+def test_explain_documents_its_options_as_form_fields_too(doc: dict[str, Any]) -> None:
+    operation = doc["paths"]["/explain"]["post"]
+    form = operation["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]
+    query = {p["name"] for p in operation["parameters"] if p["in"] == "query"}
+    assert query == {"methods", "targets", "layer", "activation_layer"}
+    assert set(form) == {"images"} | query
+
+
 def test_every_error_response_is_the_error_body(doc: dict[str, Any]) -> None:
     for (method, path), op in operations(doc).items():
         for status, response in op["responses"].items():
