@@ -192,6 +192,11 @@ def _value(text: str, series: str) -> float:
 
 def test_metrics_show_the_explanation_side(keyed: Stack) -> None:
     _finish_a_job(keyed)
+    # The worker itself recorded the real job's outcome, duration and time per image.
+    text = _metrics(keyed)
+    assert _value(text, 'lantern_explain_job_outcomes_total{outcome="finished"}') >= 1
+    assert _value(text, "lantern_explain_job_duration_seconds_count") >= 1
+    assert _value(text, "lantern_explain_image_seconds_count") >= 1
     conn = redis.Redis.from_url(keyed.redis.url)
     record_job(conn, 3.0, 2, "finished")
     record_job(conn, 700.0, 1, "failed")
