@@ -235,22 +235,48 @@ def test_gradcam_and_saliency_point_at_the_shape() -> None:
             assert inside / m.sum() > 0.9, (name, i)
 
 
-def test_folding_batchnorm_keeps_predictions_and_maps(
-    resnet: nn.Module, batch: torch.Tensor
-) -> None:
+def _relative_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The largest per-image ||a - b|| / ||a||: how far apart two maps are as pictures."""
+    dims = tuple(range(1, a.dim()))
+    return float(((a - b).double().norm(dim=dims) / a.double().norm(dim=dims)).max())
+
+
+def test_folding_batchnorm_is_exact_in_float64(resnet: nn.Module, batch: torch.Tensor) -> None:
+    """The proof that folding changes nothing: in float64 every logit and every map agrees
+    to rounding (1e-15 measured). float32 cannot prove it: an input gradient through
+    ReLUs flips a gate wherever rounding crosses zero, and where that happens depends on
+    the CPU's kernels (AVX2, AVX-512, AMX)."""
     import copy
 
-    folded = fold_batchnorm(copy.deepcopy(resnet))
+    exact = copy.deepcopy(resnet).double()
+    folded = fold_batchnorm(copy.deepcopy(resnet).double())
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
     assert {n for n, _ in folded.named_modules()} == {n for n, _ in resnet.named_modules()}
-    a = explain(resnet, batch, methods(*ALL))
-    b = explain(folded, batch, methods(*ALL))
-    torch.testing.assert_close(b.logits, a.logits, atol=1e-4, rtol=1e-4)
+    a = explain(exact, batch.double(), methods(*ALL))
+    b = explain(folded, batch.double(), methods(*ALL))
+    torch.testing.assert_close(b.logits, a.logits, atol=1e-10, rtol=1e-10)
     for name in ALL:
         scale = a.results[name].maps.abs().max()
         torch.testing.assert_close(
-            b.results[name].maps / scale, a.results[name].maps / scale, atol=1e-4, rtol=1e-3
+            b.results[name].maps / scale, a.results[name].maps / scale, atol=1e-10, rtol=0
         )
+
+
+def test_folding_batchnorm_keeps_float32_predictions_and_maps_as_a_user_sees_them(
+    resnet: nn.Module, batch: torch.Tensor
+) -> None:
+    """In float32, what the worker runs, predictions agree and every map stays the same
+    picture: relative L2 error under 2 % (0.2 % measured for saliency on an AMD EPYC, the
+    worst method; the others agree to 1e-6)."""
+    import copy
+
+    folded = fold_batchnorm(copy.deepcopy(resnet))
+    a = explain(resnet, batch, methods(*ALL))
+    b = explain(folded, batch, methods(*ALL))
+    torch.testing.assert_close(b.logits, a.logits, atol=1e-4, rtol=1e-4)
+    assert torch.equal(b.logits.argmax(1), a.logits.argmax(1))
+    for name in ALL:
+        assert _relative_l2(a.results[name].maps, b.results[name].maps) < 0.02, name
 
 
 def test_display_normalisation_can_clip_at_a_quantile() -> None:
