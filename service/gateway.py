@@ -34,7 +34,7 @@ BENTOML_ROUTES = ("/livez", "/healthz", "/readyz", "/metrics", "/docs.json", "/s
 # Open without a key: the probes, and the web page's static shell (it holds no data; it
 # asks for a key when the API answers 401).
 PUBLIC_PATHS = frozenset({"/livez", "/readyz", "/", "/docs"})
-PUBLIC_PREFIXES = ("/static/",)
+PUBLIC_PREFIXES = ("/static/", "/static_content/")  # the page's and Swagger UI's files
 _RAW_PATH = "lantern.raw_path"
 
 

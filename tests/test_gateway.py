@@ -58,7 +58,7 @@ def test_keys_are_compared_against_every_configured_key() -> None:
 
 
 def test_only_probes_and_the_page_shell_are_public() -> None:
-    for path in ("/livez", "/readyz", "/", "/static/app.js"):
+    for path in ("/livez", "/readyz", "/", "/static/app.js", "/static_content/swagger-ui.css"):
         assert is_public(path, metrics_public=False)
     for path in ("/predict", "/jobs/x", "/docs.json", "/status", "/healthz", "/metrics"):
         assert not is_public(path, metrics_public=False)

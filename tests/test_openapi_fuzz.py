@@ -262,22 +262,29 @@ def test_the_served_document_is_the_one_built_from_the_app(server: Server) -> No
     assert httpx.get(server.url + "/static_content/swagger-ui-bundle.js", timeout=10).is_success
 
 
-@pytest.mark.browser
-def test_swagger_ui_at_docs_renders_every_operation(server: Server) -> None:
-    """/docs in Debian's Chromium: Swagger UI reads /docs.json and lists every operation."""
+def _swagger(url: str, key: str | None = None) -> tuple[str, set[str], int, list[str]]:
+    """(title, operations shown, prompts answered, page errors) of /docs in Chromium;
+    `key` answers the page's prompt for an API key."""
     from playwright.sync_api import sync_playwright
 
     from tests.test_page import CHROMIUM, CHROMIUM_ARGS
 
     if not Path(CHROMIUM).is_file():
         pytest.fail(f"no Chromium at {CHROMIUM}: install Debian's package (README)")
+    prompts: list[str] = []
+
+    def answer(dialog: Any) -> None:
+        prompts.append(dialog.message)
+        dialog.accept(key or "")
+
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page()
             errors: list[str] = []
             page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(server.url + "/docs")
+            page.on("dialog", answer)
+            page.goto(url + "/docs")
             page.wait_for_selector(".opblock", timeout=30_000)
             title = page.inner_text(".info .title")
             shown = set(
@@ -288,12 +295,27 @@ def test_swagger_ui_at_docs_renders_every_operation(server: Server) -> None:
                     ".getAttribute('data-path'))",
                 )
             )
-            resolver_errors = page.query_selector_all(".errors-wrapper")
+            errors += [e.inner_text() for e in page.query_selector_all(".errors-wrapper")]
         finally:
             browser.close()
+    return title, shown, len(prompts), errors
+
+
+@pytest.mark.browser
+def test_swagger_ui_at_docs_renders_every_operation(server: Server) -> None:
+    """/docs in Debian's Chromium: Swagger UI reads /docs.json and lists every operation."""
+    title, shown, prompts, errors = _swagger(server.url)
     assert title.startswith("Lantern") and "0.1.0" in title.replace("\n", " ")
     assert shown == OPERATIONS
-    assert not resolver_errors and not errors
+    assert prompts == 0 and not errors
+
+
+@pytest.mark.browser
+def test_swagger_ui_asks_for_the_api_key_once_when_keys_are_set(keyed_server: Server) -> None:
+    title, shown, prompts, errors = _swagger(keyed_server.url, key=KEY)
+    assert title.startswith("Lantern")
+    assert shown == OPERATIONS
+    assert prompts == 1 and not errors
 
 
 @pytest.mark.timeout(120)
