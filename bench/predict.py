@@ -61,10 +61,10 @@ class LoadResult:
 def register_model(tmp: Path) -> str:
     import torch
 
+    from lantern.core.preprocess import PreprocessSpec
     from models.checkpoint import save_checkpoint
     from models.export import export_checkpoint
     from models.network import build_model
-    from models.preprocess import PreprocessSpec
 
     torch.manual_seed(0)
     model = build_model(ARCH, NUM_CLASSES, weights="none")
@@ -96,7 +96,7 @@ def time_batches(
 
 
 def bench_ort(tag: str, budget_s: float) -> dict[int, tuple[float, float]]:
-    from models.bundle import load_bundle
+    from lantern.core.bundle import load_bundle
     from service.classifier import create_session, run
 
     bundle = load_bundle(tag)
@@ -109,7 +109,7 @@ def bench_ort(tag: str, budget_s: float) -> dict[int, tuple[float, float]]:
 def bench_torch(tag: str, budget_s: float) -> dict[int, tuple[float, float]]:
     import torch
 
-    from models.bundle import load_bundle
+    from lantern.core.bundle import load_bundle
     from models.network import build_model
 
     bundle = load_bundle(tag)

@@ -1,7 +1,9 @@
 """Lantern: image classification that shows its reasoning.
 
-This package holds what the API service, the explanation workers and the command line
-share, and none of it imports torch: settings, errors, the job contract, the artifact store.
+`lantern.core` is the torch-free bottom layer that the service, the workers and the model
+code share. The rest of this package is the top layer: the `lantern` command line
+(`cli`, `commands/`), the `lantern up` supervisor (`stack`, `redis_server`) and the HTTP
+client (`client`, `batch`).
 """
 
 __version__ = "0.1.0"

@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from lantern.errors import LanternError
+from lantern.core.errors import LanternError
 
 # Order is the order `lantern --help` lists them in.
 COMMANDS = (
@@ -39,12 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"lantern.commands.{name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"lantern.commands.{name}":
-                continue  # not built yet
-            raise
+        module = importlib.import_module(f"lantern.commands.{name}")
         p = sub.add_parser(
             name,
             help=module.HELP,

@@ -29,12 +29,11 @@ from typing import Any, Generic, TypeVar
 
 import httpx
 
-from lantern.errors import DataError, JobError, LanternError, UsageError
+from lantern.core.errors import DataError, JobError, LanternError, UsageError
 
 DEFAULT_URL = "http://127.0.0.1:3000"
 DEFAULT_TIMEOUT_S = 120.0  # a batch on a busy CPU-only server can take a while
 POLL_INTERVAL_S = 0.5
-TERMINAL = ("finished", "failed")
 
 API_KEY_ENV = "LANTERN_API_KEY"
 

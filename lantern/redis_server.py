@@ -12,7 +12,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from lantern.errors import QueueUnavailable
+from lantern.core.errors import QueueUnavailable
 
 
 def redis_server_binary() -> str:

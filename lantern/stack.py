@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lantern.errors import LanternError
+from lantern.core.errors import LanternError
 from lantern.redis_server import start_redis
 
 STOP_TIMEOUT_S = 30.0
@@ -100,7 +100,7 @@ class Stack:
 
     # --- start ------------------------------------------------------------------------
     def _environment(self) -> dict[str, str]:
-        from lantern.settings import get_settings
+        from lantern.core.settings import get_settings
 
         env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true", "PYTHONUNBUFFERED": "1"}
         env.setdefault("LANTERN_ARTIFACT_DIR", str((self.data_dir / "artifacts").resolve()))

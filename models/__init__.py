@@ -1,5 +1,4 @@
-"""Everything about the network: building, data, training, export and the model bundle.
-
-Only `models.preprocess` and `models.bundle` are torch-free; the service imports those two
-and nothing else from here.
+"""Everything about the network: building it, data, training, the torchvision transforms
+and ONNX export. Middle layer: imports the core (`lantern.core`) and torch; the service
+never imports it (the model bundle and the preprocessing spec it needs live in the core).
 """

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.preprocess import PreprocessSpec
+from lantern.core.preprocess import PreprocessSpec
 
 
 def save_checkpoint(

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 from PIL import Image, ImageDraw
 
-from lantern.errors import DataError
+from lantern.core.errors import DataError
 
 SHAPES = ("circle", "square", "triangle", "cross")
 CIFAR10_CLASSES = (

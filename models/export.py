@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 from pathlib import Path
@@ -12,10 +11,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from lantern.errors import ExportParityError, ModelError
-from models.bundle import Bundle, save_bundle
+from lantern.core.bundle import Bundle, save_bundle
+from lantern.core.errors import ExportParityError, ModelError
+from lantern.core.preprocess import PreprocessSpec
 from models.network import build_model
-from models.preprocess import PreprocessSpec
 
 log = logging.getLogger(__name__)
 
@@ -150,10 +149,3 @@ def _fp16_diff(model: nn.Module, fp16_path: Path, spec: PreprocessSpec) -> float
     except Exception as e:  # CPU kernels for some fp16 ops may be missing
         log.warning("fp16 parity could not be measured on CPU: %s", e)
         return None
-
-
-def describe(bundle: Bundle) -> str:
-    return json.dumps(
-        {"tag": bundle.tag, "accuracy": bundle.accuracy, "export": bundle.meta.get("export")},
-        indent=2,
-    )

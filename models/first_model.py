@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from lantern.errors import DataError, ModelError
-from models.bundle import Bundle
+from lantern.core.bundle import Bundle
+from lantern.core.errors import DataError, ModelError
 from models.export import export_checkpoint
 from models.train import TrainConfig, main
 

@@ -9,21 +9,15 @@ Training modes, as the transfer-learning literature names them:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 import torch
 from torch import nn
 from torchvision import models as tvm
 
-from lantern.errors import ModelError, UsageError
+from lantern.core.errors import ModelError, UsageError
 
-Architecture = Literal["resnet18", "resnet34", "resnet50"]
-TrainMode = Literal["head", "layer4", "all"]
 ARCHITECTURES: tuple[str, ...] = ("resnet18", "resnet34", "resnet50")
 TRAIN_MODES: tuple[str, ...] = ("head", "layer4", "all")
-
-# The last convolutional stage: Grad-CAM's default layer.
-DEFAULT_CAM_LAYER = "layer4"
 
 _BUILDERS = {
     "resnet18": (tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1),

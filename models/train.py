@@ -24,7 +24,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from lantern.errors import UsageError
+from lantern.core.errors import UsageError
+from lantern.core.preprocess import PreprocessSpec
 from models import data as datasets
 from models.checkpoint import save_checkpoint
 from models.network import (
@@ -33,7 +34,7 @@ from models.network import (
     resolve_device,
     trainable_parameter_names,
 )
-from models.preprocess import PreprocessSpec
+from models.transforms import eval_transform, train_transform
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ class EpochStats:
 
 def load_data(cfg: TrainConfig, spec: PreprocessSpec) -> tuple[Any, Any, list[str]]:
     """(train, val, class names) with the training and evaluation transforms applied."""
-    train_tf, eval_tf = train_transform(spec), spec.eval_transform()
+    train_tf, eval_tf = train_transform(spec), eval_transform(spec)
     train: Any
     val: Any
     if cfg.dataset == "shapes":
@@ -114,21 +115,6 @@ def load_data(cfg: TrainConfig, spec: PreprocessSpec) -> tuple[Any, Any, list[st
         classes = list(train.classes)
         return _limit(train, cfg.train_size, cfg.seed), _limit(val, cfg.val_size, cfg.seed), classes
     raise UsageError(f"unknown dataset {cfg.dataset!r}; choose one of {DATASETS}")
-
-
-def train_transform(spec: PreprocessSpec) -> Any:
-    """Evaluation geometry plus light augmentation (padded random crop, horizontal flip)."""
-    from torchvision import transforms as T
-
-    return T.Compose(
-        [
-            T.Resize(spec.resize_size),
-            T.RandomCrop(spec.crop_size, padding=spec.crop_size // 16, padding_mode="reflect"),
-            T.RandomHorizontalFlip(),
-            T.ToTensor(),
-            T.Normalize(spec.mean, spec.std),
-        ]
-    )
 
 
 def _split(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:

@@ -9,23 +9,21 @@ app owns request parsing, so every bad upload gets a 4xx with a JSON body
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from lantern.errors import InputError
+from lantern.core.errors import InputError, JobNotFound, QueueUnavailable
 from service.batcher import Overloaded
-from service.jobs_api import register_error_handlers
+from service.dependencies import CurrentService
 from service.jobs_api import router as jobs_router
 from service.openapi import PREDICT_BATCH_RESPONSES, PREDICT_RESPONSES, operation_id
+from service.pages import router as pages_router
 from service.status_api import router as status_router
 from service.uploads import read_uploads
-
-if TYPE_CHECKING:
-    from service.service import Lantern
 
 log = logging.getLogger("lantern.service")
 
@@ -67,19 +65,12 @@ app = FastAPI(
     title="Lantern",
     summary="Image classification from the registered ONNX model.",
     # /docs.json is service.openapi's document (built from these routes), served by its
-    # middleware in place of BentoML's; /docs is Swagger UI for it (service.jobs_api).
+    # middleware in place of BentoML's; /docs is Swagger UI for it (service.pages).
     docs_url=None,
     redoc_url=None,
     openapi_url=None,
     generate_unique_id_function=operation_id,
 )
-
-
-def current_service() -> Lantern:
-    import bentoml
-
-    service: Lantern = bentoml.get_current_service()
-    return service
 
 
 TopK = Query(5, ge=1, le=MAX_TOP_K, description="How many of the most probable classes.")
@@ -92,9 +83,8 @@ TopK = Query(5, ge=1, le=MAX_TOP_K, description="How many of the most probable c
     openapi_extra=_upload_body("image", many=False),
     summary="Classify one image",
 )
-async def predict(request: Request, top_k: int = TopK) -> dict[str, Any]:
+async def predict(request: Request, lantern: CurrentService, top_k: int = TopK) -> dict[str, Any]:
     """One image (JPEG, PNG, WebP, BMP, GIF, TIFF) as file field `image`, or as the raw body."""
-    lantern = current_service()
     settings = lantern.settings
     uploads = await read_uploads(
         request,
@@ -114,9 +104,10 @@ async def predict(request: Request, top_k: int = TopK) -> dict[str, Any]:
     openapi_extra=_upload_body("images", many=True),
     summary="Classify several images",
 )
-async def predict_batch(request: Request, top_k: int = TopK) -> dict[str, Any]:
+async def predict_batch(
+    request: Request, lantern: CurrentService, top_k: int = TopK
+) -> dict[str, Any]:
     """Several images as repeated file field `images`; one prediction per image, in order."""
-    lantern = current_service()
     settings = lantern.settings
     uploads = await read_uploads(
         request,
@@ -130,7 +121,17 @@ async def predict_batch(request: Request, top_k: int = TopK) -> dict[str, Any]:
 
 app.include_router(jobs_router)
 app.include_router(status_router)
-register_error_handlers(app)
+app.include_router(pages_router)
+
+
+@app.exception_handler(JobNotFound)
+async def _not_found(_: Request, exc: JobNotFound) -> JSONResponse:
+    return JSONResponse({"error": str(exc)}, status_code=404)
+
+
+@app.exception_handler(QueueUnavailable)
+async def _queue_down(_: Request, exc: QueueUnavailable) -> JSONResponse:
+    return JSONResponse({"error": str(exc)}, status_code=503, headers={"Retry-After": "5"})
 
 
 @app.exception_handler(InputError)

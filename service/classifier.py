@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from lantern.errors import ModelError, UsageError
+from lantern.core.errors import ModelError, UsageError
 
 log = logging.getLogger("lantern.service.classifier")
 

@@ -1,8 +1,8 @@
 """Explanation jobs as the API sees them: validate, enqueue (or find), report, serve files.
 
 Torch-free: the work itself happens in the workers; this side speaks the contract in
-`lantern.jobs` and reads results from the artifact store. Errors are raised as
-`lantern.errors` types; `service.jobs_api` turns them into HTTP responses.
+`lantern.core.jobs` and reads results from the artifact store. Errors are raised as
+`lantern.core.errors` types; `service.api` turns them into HTTP responses.
 """
 
 from __future__ import annotations
@@ -17,26 +17,27 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from lantern.errors import (
+from lantern.core.bundle import Bundle
+from lantern.core.errors import (
     InputError,
     InvalidAddress,
     JobNotFound,
     QueueUnavailable,
     UnprocessableInput,
 )
-from lantern.jobs import (
+from lantern.core.jobs import (
     DEFAULT_LAYER,
-    LAYER_RE,
     JobStatus,
     Method,
+    check_layer_name,
     find_or_enqueue,
     image_name,
     is_explain_job_id,
     job_status,
+    parse_methods,
 )
-from lantern.settings import Settings
-from lantern.store import ArtifactStore, check_file_name, open_store, read_manifest
-from models.bundle import Bundle
+from lantern.core.settings import Settings
+from lantern.core.store import ArtifactStore, check_file_name, open_store, read_manifest
 
 CONTENT_TYPES = {".png": "image/png", ".npy": "application/octet-stream"}
 _INPUT_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
@@ -52,18 +53,10 @@ class ExplainOptions:
 
 def parse_options(params: dict[str, str], n_images: int, class_names: list[str]) -> ExplainOptions:
     """methods / targets / layer / activation_layer from query or form values, checked."""
-    known = ", ".join(m.value for m in Method)
-    raw_methods = [m.strip() for m in params.get("methods", "gradcam").split(",") if m.strip()]
-    if not raw_methods:
-        raise UnprocessableInput(f"methods is empty; choose from {known}")
-    methods: list[Method] = []
-    for m in raw_methods:
-        try:
-            method = Method(m.lower())
-        except ValueError:
-            raise UnprocessableInput(f"unknown method {m!r}; choose from {known}") from None
-        if method not in methods:
-            methods.append(method)
+    try:
+        methods = parse_methods(params.get("methods", Method.GRADCAM.value))
+    except ValueError as e:
+        raise UnprocessableInput(str(e)) from None
 
     targets: list[int | None] | None = None
     if params.get("targets", "").strip():
@@ -78,10 +71,10 @@ def parse_options(params: dict[str, str], n_images: int, class_names: list[str])
     layer = params.get("layer", "").strip() or DEFAULT_LAYER
     activation_layer = params.get("activation_layer", "").strip() or None
     for name in filter(None, (layer, activation_layer)):
-        if not LAYER_RE.fullmatch(name):
-            raise UnprocessableInput(
-                f"layer {name!r} is not a module name (examples: layer4, layer3.1.conv2)"
-            )
+        try:
+            check_layer_name(name)
+        except ValueError as e:
+            raise UnprocessableInput(str(e)) from None
     return ExplainOptions(methods, targets, layer, activation_layer)
 
 
@@ -136,7 +129,7 @@ class Explanations:
                 options.targets,
                 options.layer,
                 options.activation_layer,
-                self.settings,
+                settings=self.settings,
             )
         if created:
             return {"job_id": job_id, "status": JobStatus.QUEUED}, True

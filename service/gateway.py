@@ -171,7 +171,7 @@ class ApiKeyMiddleware:
     def __init__(
         self, app: Any, keys: Sequence[str] | None = None, metrics_public: bool | None = None
     ):
-        from lantern.settings import get_settings
+        from lantern.core.settings import get_settings
 
         settings = get_settings()
         self.app = app

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from models.bundle import Bundle
+from lantern.core.bundle import Bundle
 
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 QUEUE_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)

@@ -165,7 +165,7 @@ _RETRY_AFTER = {
         "schema": {"type": "integer", "minimum": 0},
     }
 }
-# QueueUnavailable's 503 carries Retry-After (service.jobs_api._queue_down); Overloaded's not.
+# QueueUnavailable's 503 carries Retry-After (service.api._queue_down); Overloaded's not.
 for _responses in (EXPLAIN_RESPONSES, JOB_RESPONSES):
     _responses[503]["headers"] = _RETRY_AFTER
 

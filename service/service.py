@@ -23,24 +23,21 @@ import bentoml
 import numpy as np
 from PIL import Image
 
-from lantern.settings import Settings, get_settings
-from models.bundle import Bundle, load_bundle
+from lantern.core.bundle import Bundle, load_bundle
+from lantern.core.images import decode_image
+from lantern.core.settings import Settings, get_settings
 from service import classifier
 from service.api import app
 from service.batcher import MicroBatcher
 from service.error_bodies import ErrorBodies
 from service.explanations import Explanations
 from service.gateway import ApiKeyMiddleware, install_templated_metrics
-from service.images import decode_image
 from service.metrics import record_batch, record_model_info
 from service.openapi import OpenAPIDocument
 from service.status_api import ExplainProbe
 from service.uploads import Upload
 
 log = logging.getLogger("lantern.service")
-
-_settings = get_settings()
-
 
 @bentoml.asgi_app(app, path="/")
 @bentoml.service(
@@ -51,14 +48,14 @@ _settings = get_settings()
 class Lantern:
     """Lantern: image classification from the registered ONNX model."""
 
-    model = bentoml.models.BentoModel(_settings.model)
-
     def __init__(self) -> None:
         _show_lantern_logs()
+        # The settings are read here, when BentoML starts the service, not at import.
         self.settings: Settings = get_settings()
         # `lantern serve` pins LANTERN_MODEL to a concrete version before starting the
-        # server; the model reference above resolved it when this module was imported.
-        self.bundle: Bundle = load_bundle(str(self.model.tag))
+        # server, so every server worker loads the same bundle. (A Bento carries the
+        # model through bentofile.yaml's `models:`.)
+        self.bundle: Bundle = load_bundle(self.settings.model)
         self.spec = self.bundle.preprocess
         self.class_names = self.bundle.class_names
         self.session = classifier.create_session(
@@ -79,6 +76,7 @@ class Lantern:
         self.explanations = Explanations(self.settings, self.bundle)
         self.explain_probe = ExplainProbe(self.settings)
         record_model_info(self.bundle)
+        app.state.lantern = self  # what the routes' `CurrentService` dependency hands them
 
     async def __is_ready__(self) -> bool:
         return self.session is not None

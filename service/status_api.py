@@ -19,8 +19,9 @@ from pydantic import BaseModel, Field
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from lantern.job_metrics import ExplainMetrics, read_explain_metrics, render
-from lantern.settings import Settings
+from lantern.core.job_metrics import ExplainMetrics, read_explain_metrics, render
+from lantern.core.settings import Settings
+from service.dependencies import CurrentService
 
 log = logging.getLogger("lantern.service")
 
@@ -98,10 +99,7 @@ class ServiceStatus(BaseModel):
 @router.get(
     "/status", response_model=ServiceStatus, summary="Predictions and explanations at a glance"
 )
-async def status() -> dict[str, Any]:
-    import bentoml
-
-    lantern: Any = bentoml.get_current_service()
+async def status(lantern: CurrentService) -> dict[str, Any]:
     explanations = await anyio.to_thread.run_sync(lantern.explain_probe.status)
     return {
         "predictions": {

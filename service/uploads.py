@@ -15,7 +15,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect, Request
 
-from lantern.errors import InputError, PayloadTooLarge, UnsupportedMediaType
+from lantern.core.errors import InputError, PayloadTooLarge, UnsupportedMediaType
 
 RAW_TYPES = ("application/octet-stream",)
 # Non-file form fields are tiny (none is used today); anything bigger is a mistake.

@@ -80,10 +80,10 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-un
     """A registered ResNet-18 (random weights, 4 shape classes, 64 px) in the session store."""
     import torch
 
+    from lantern.core.preprocess import PreprocessSpec
     from models.checkpoint import save_checkpoint
     from models.export import export_checkpoint
     from models.network import build_model
-    from models.preprocess import PreprocessSpec
 
     torch.manual_seed(0)
     model = build_model(TINY_ARCH, len(TINY_CLASSES), weights="none")

@@ -113,8 +113,18 @@ class Server:
 def start_server(tag: str, log: Path, extra_env: dict[str, str] | None = None) -> Server:
     """`lantern serve` on a free loopback port, returned once /readyz answers 200."""
     port = free_port()
+    # Each server gets a BentoML home of its own that shares the session's model store:
+    # BentoML keeps its Prometheus multiprocess files under the home, and a second server
+    # on the same home would clear the first one's metrics at start.
+    session_home = Path(os.environ["BENTOML_HOME"])
+    (session_home / "models").mkdir(parents=True, exist_ok=True)
+    home = log.parent / f"bentoml-home-{port}"
+    home.mkdir(parents=True, exist_ok=True)
+    if not (home / "models").exists():
+        (home / "models").symlink_to(session_home / "models", target_is_directory=True)
     env = {
-        **os.environ,  # carries the test session's BENTOML_HOME
+        **os.environ,
+        "BENTOML_HOME": str(home),
         "LANTERN_MODEL": tag,
         "LANTERN_MAX_UPLOAD_BYTES": str(SERVER_MAX_UPLOAD_BYTES),
         "LANTERN_MAX_PIXELS": str(SERVER_MAX_PIXELS),

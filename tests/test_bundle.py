@@ -8,8 +8,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from lantern.errors import ModelError
-from models.bundle import list_bundles, load_bundle
+from lantern.core.bundle import list_bundles, load_bundle
+from lantern.core.errors import ModelError
 from tests.conftest import TINY_CLASSES, TINY_SIZE
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from lantern.client import Batches, RequestRejected, collect_images
-from lantern.errors import UsageError
+from lantern.core.errors import UsageError
 
 
 def touch(root: Path, *names: str) -> None:

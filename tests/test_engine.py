@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from lantern.errors import JobError
+from lantern.core.errors import JobError
 from models.data import draw_shape
 from models.network import build_model
 from workers.engine import (

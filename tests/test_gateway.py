@@ -1,17 +1,17 @@
-"""Unit tests of service.gateway (route templates, key checks) and lantern.job_metrics
+"""Unit tests of service.gateway (route templates, key checks) and lantern.core.job_metrics
 (histogram counters in a real redis-server, Prometheus text, Redis down)."""
 
 from __future__ import annotations
 
 import pytest
 
-from lantern.job_metrics import (
+from lantern.core.job_metrics import (
     ExplainMetrics,
     read_explain_metrics,
     record_job,
     render,
 )
-from lantern.settings import Settings
+from lantern.core.settings import Settings
 from service.gateway import is_public, key_matches, presented_key, route_template
 
 

@@ -2,7 +2,7 @@
 a Redis outage, against real processes: a redis-server, a `lantern worker` and a
 `lantern serve` with LANTERN_API_KEYS, over loopback.
 
-The last tests stop the stack's Redis and start a second server; keep them last.
+The Redis-outage test stops the Redis of a stack of its own, so the tests run in any order.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import pytest
 import redis
 
 from lantern.client import LanternClient, Unauthorized
-from lantern.job_metrics import record_job
+from lantern.core.job_metrics import record_job
 from tests.service_fixtures import start_server, stop_server
 from tests.stack_fixtures import Stack, start_stack, stop_stack
 from tests.worker_fixtures import shape_png
@@ -233,10 +233,21 @@ def test_status_reports_both_sides(keyed: Stack) -> None:
     }
 
 
-# --- Redis down (last: stops the stack's Redis) -----------------------------------------------
+# --- Redis down ---------------------------------------------------------------------------
 
 
-def test_while_redis_is_down_finished_work_stays_readable(keyed: Stack) -> None:
+@pytest.fixture
+def outage(tiny_bundle, tmp_path: Path) -> Iterator[Stack]:  # type: ignore[no-untyped-def]
+    """A keyed stack of this test's own, whose Redis the test stops."""
+    running = start_stack(
+        tiny_bundle.tag, tmp_path, server_env={"LANTERN_API_KEYS": ",".join(KEYS)}
+    )
+    yield running
+    stop_stack(running)
+
+
+def test_while_redis_is_down_finished_work_stays_readable(outage: Stack) -> None:
+    keyed = outage
     finished = _finish_a_job(keyed)
     job_id = finished["job_id"]
     url = next(iter(finished["manifest"]["images"][0]["urls"].values()))
@@ -268,10 +279,6 @@ def test_while_redis_is_down_finished_work_stays_readable(keyed: Stack) -> None:
     assert _value(text, "lantern_explanations_available") == 0
     assert "lantern_explain_workers" not in text
     assert "bentoml_" in text  # the rest of /metrics is still there
-
-
-# A second `lantern serve` on the same BENTOML_HOME clears the Prometheus multiprocess
-# directory the first one writes to, so this runs after every test that reads /metrics.
 
 
 def test_metrics_public_leaves_only_metrics_open(

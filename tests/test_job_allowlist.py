@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from lantern.jobs import JobStatus, find_or_enqueue, job_status
-from lantern.store import DirectoryStore
+from lantern.core.jobs import JobStatus, find_or_enqueue, job_status
+from lantern.core.store import DirectoryStore
 from tests.worker_fixtures import (
     settings_for,
     shape_png,
@@ -90,8 +90,8 @@ def test_injected_jobs_are_refused_and_nothing_runs(
         _, args = attacks(markers[name])[name]
         injected[name] = queue.enqueue(func, args=args, job_id=f"ex-{len(injected):032x}").id
     # Another function of Lantern's own worker package.
-    injected["workers.tasks.warm_up"] = queue.enqueue(
-        "workers.tasks.warm_up", args=[tiny_bundle.tag], job_id="ex-" + "a" * 32
+    injected["workers.tasks.run_job"] = queue.enqueue(
+        "workers.tasks.run_job", args=[{}, "ex-" + "a" * 32, None], job_id="ex-" + "a" * 32
     ).id
     # The right function, with a callback that names os.system.
     markers["callback"] = tmp_path / "marker-callback"

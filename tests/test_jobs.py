@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from lantern.errors import JobError
-from lantern.jobs import (
+from lantern.core.errors import JobError
+from lantern.core.jobs import (
     JOB_FUNCTION,
     META_ERROR,
     ExplainRequest,
@@ -25,8 +25,8 @@ from lantern.jobs import (
     make_job_id,
     parse_request,
 )
-from lantern.settings import Settings
-from lantern.store import DirectoryStore, write_manifest
+from lantern.core.settings import Settings
+from lantern.core.store import DirectoryStore, write_manifest
 from tests.worker_fixtures import settings_for, shape_png
 
 IMAGES = [("a", b"\x89PNG one"), ("b", b"\x89PNG two")]
@@ -35,7 +35,7 @@ MODEL = "lantern-classifier:abc123"
 
 def test_the_contract_imports_without_torch() -> None:
     code = (
-        "import sys, lantern.jobs, lantern.store; "
+        "import sys, lantern.core.jobs, lantern.core.store; "
         "bad = [m for m in ('torch', 'torchvision', 'workers') if m in sys.modules]; "
         "assert not bad, bad"
     )

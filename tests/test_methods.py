@@ -86,8 +86,10 @@ def test_activations_show_the_strongest_channels_first(tiny: TinyCNN) -> None:
 
 
 def test_make_method_knows_every_contract_method() -> None:
-    from lantern.jobs import Method
+    from lantern.core.jobs import Method
+    from workers.methods import METHODS
 
+    assert set(METHODS) == set(Method)  # one registry: every method has one implementation
     for m in Method:
         method = make_method(m.value, "layer4", "layer2")
         assert method.name == m.value

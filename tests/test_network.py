@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from lantern.errors import ModelError, UsageError
+from lantern.core.errors import ModelError, UsageError
 from models.network import (
     build_model,
     freeze_batchnorm_statistics,

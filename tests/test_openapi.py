@@ -1,6 +1,6 @@
 """The OpenAPI document at /docs.json: Lantern's own, truthful about every route's answers.
 
-The expected status codes are derived from the code that raises them (lantern.errors and
+The expected status codes are derived from the code that raises them (lantern.core.errors and
 the exception handlers), not copied from service.openapi; the fuzzer in
 tests/test_openapi_fuzz.py checks the same document against a real server.
 """
@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from lantern.errors import (
+from lantern.core.errors import (
     InputError,
     PayloadTooLarge,
     UnprocessableInput,
@@ -25,11 +25,11 @@ from service.api import app
 from service.openapi import DOCS_PATH, OpenAPIDocument, build_document
 
 OVERLOADED = 503  # service.api._overloaded (the micro-batcher's queue wait)
-QUEUE_DOWN = 503  # service.jobs_api._queue_down (QueueUnavailable)
-NOT_FOUND = 404  # service.jobs_api._not_found (JobNotFound)
+QUEUE_DOWN = 503  # service.api._queue_down (QueueUnavailable)
+NOT_FOUND = 404  # service.api._not_found (JobNotFound)
 UNAUTHORIZED = 401  # service.gateway.ApiKeyMiddleware, when LANTERN_API_KEYS is set
 BAD_PARAMETER = 422  # service.api._invalid_parameter (RequestValidationError)
-# What reading an upload and decoding the image raise (service.uploads, service.images).
+# What reading an upload and decoding the image raise (service.uploads, lantern.core.images).
 UPLOAD_ERRORS = {
     InputError.status_code,  # empty body, missing field, malformed multipart
     PayloadTooLarge.status_code,

@@ -319,13 +319,21 @@ def test_swagger_ui_asks_for_the_api_key_once_when_keys_are_set(keyed_server: Se
 
 
 @pytest.mark.timeout(120)
+@pytest.fixture
+def outage(tiny_bundle, tmp_path: Path) -> Iterator[tuple[Server, RedisServer]]:  # type: ignore[no-untyped-def]
+    """A server and Redis of this test's own: the test stops the Redis."""
+    running, redis = _start(tiny_bundle, tmp_path, {})
+    yield running, redis
+    stop_server(running)
+    redis.stop()
+
+
 def test_with_redis_gone_the_explanation_routes_answer_the_documented_503(
-    served: tuple[Server, RedisServer],
+    outage: tuple[Server, RedisServer],
 ) -> None:
-    """Last in the module: it stops the server's Redis."""
     import httpx
 
-    server, redis = served
+    server, redis = outage
     redis.stop()
     down = httpx.post(server.url + "/explain", files={"images": ("a.png", png())}, timeout=30)
     assert down.status_code == 503 and down.headers["retry-after"].isdigit()

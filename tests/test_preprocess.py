@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from models.preprocess import PreprocessSpec
+from lantern.core.preprocess import PreprocessSpec
+from models.transforms import eval_transform
 
 
 def _random_image(w: int, h: int, seed: int) -> Image.Image:
@@ -32,7 +33,7 @@ def test_numpy_preprocessing_matches_torchvision(
     spec = PreprocessSpec(crop_size=crop, resize_size=resize)
     image = _random_image(*size, seed=sum(size))
     ours = spec.apply(image)
-    theirs = spec.eval_transform()(image).numpy()
+    theirs = eval_transform(spec)(image).numpy()
     assert ours.dtype == np.float32 and ours.shape == (3, crop, crop)
     assert theirs.shape == ours.shape
     np.testing.assert_allclose(ours, theirs, atol=1e-5, rtol=0)

@@ -7,7 +7,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from models.preprocess import PreprocessSpec
+from lantern.core.preprocess import PreprocessSpec
 from workers import render
 
 SPEC = PreprocessSpec(crop_size=64, resize_size=64)

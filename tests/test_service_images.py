@@ -9,8 +9,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lantern.errors import InputError, PayloadTooLarge, UnprocessableInput, UnsupportedMediaType
-from service.images import decode_image
+from lantern.core.errors import (
+    InputError,
+    PayloadTooLarge,
+    UnprocessableInput,
+    UnsupportedMediaType,
+)
+from lantern.core.images import decode_image
 from tests.service_fixtures import (
     RED,
     animated_gif,

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from lantern.errors import JobError
-from lantern.store import (
+from lantern.core.errors import JobError
+from lantern.core.store import (
     DirectoryStore,
     InvalidAddress,
     is_valid_file_name,

@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from lantern.errors import ExportParityError
-from models.bundle import list_bundles
+from lantern.core.bundle import list_bundles
+from lantern.core.errors import ExportParityError
 from models.export import export_checkpoint
 from models.train import TrainConfig, main
 
@@ -81,7 +81,9 @@ def _lantern(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_train_then_export_leaves_a_model_that_models_list_shows(tmp_path: Path) -> None:
+def test_train_then_export_fp16_leaves_a_half_precision_graph_and_models_list_shows_it(
+    tmp_path: Path,
+) -> None:
     trained = _lantern(
         "train",
         "--dataset",
@@ -115,6 +117,21 @@ def test_train_then_export_leaves_a_model_that_models_list_shows(tmp_path: Path)
     exported = _lantern("export", "--fp16", cwd=tmp_path)  # default: runs/latest/best.pt
     assert exported.returncode == 0, exported.stderr
     tag = exported.stdout.split("registered ", 1)[1].split()[0]
+
+    # --fp16 wrote a half-precision graph beside the float32 one, with float32 inputs and
+    # outputs so that callers need not change.
+    import onnx
+
+    from lantern.core.bundle import load_bundle
+
+    bundle = load_bundle(tag)
+    assert bundle.meta["export"]["fp16"] is True
+    assert bundle.onnx_fp16_path is not None and bundle.onnx_fp16_path.is_file()
+    half = onnx.load(str(bundle.onnx_fp16_path))
+    weights = [t for t in half.graph.initializer if len(t.dims) >= 2]  # conv / linear weights
+    assert weights and all(t.data_type == onnx.TensorProto.FLOAT16 for t in weights)
+    io_types = {v.type.tensor_type.elem_type for v in [*half.graph.input, *half.graph.output]}
+    assert io_types == {onnx.TensorProto.FLOAT}
 
     listed = _lantern("models", "list", "--json", cwd=tmp_path)
     assert listed.returncode == 0, listed.stderr

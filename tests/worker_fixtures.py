@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from lantern.settings import Settings
+from lantern.core.settings import Settings
 from models.data import draw_shape
 
 REPO = Path(__file__).resolve().parent.parent

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lantern.errors import JobError
+from lantern.core.errors import JobError
 from workers.methods.base import ExplanationMethod, MethodResult, PassOutputs
 
 log = logging.getLogger(__name__)

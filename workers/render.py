@@ -14,7 +14,7 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image
 
-from models.preprocess import PreprocessSpec
+from lantern.core.preprocess import PreprocessSpec
 
 HEAT_COLORMAP = "inferno"
 GRID_COLORMAP = "viridis"

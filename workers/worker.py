@@ -16,7 +16,7 @@ SIGTERM or Ctrl+C: finish the current job, then stop (a second one stops at once
 job is then failed and retried).
 
 Only Lantern's job runs: queues, registries and the worker use `LanternJob`
-(lantern.safe_job), so a job naming any other function, an instance or a callback is
+(lantern.core.safe_job), so a job naming any other function, an instance or a callback is
 failed with "refused: not a Lantern job (...)" before anything is imported or called,
 and a job whose hash cannot even be read is failed the same way instead of stopping the
 worker.
@@ -47,13 +47,16 @@ from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
 from rq.utils import current_timestamp, now, utcformat
 
-from lantern.errors import LanternError
-from lantern.job_metrics import record_job
-from lantern.jobs import META_ERROR, explain_queue
-from lantern.redis_retry import REDIS_ERRORS, retry_redis
-from lantern.safe_job import LanternJob, refusal
-from lantern.settings import Settings, get_settings
-from lantern.store import ArtifactStore, expire_artifacts, open_store
+from lantern.core.errors import LanternError
+from lantern.core.job_metrics import record_job
+from lantern.core.jobs import META_ERROR, explain_queue
+from lantern.core.redis_retry import REDIS_ERRORS, retry_redis
+from lantern.core.safe_job import LanternJob, refusal
+from lantern.core.settings import Settings
+from lantern.core.store import ArtifactStore, expire_artifacts, open_store
+from models.network import resolve_device
+from workers.context import WorkerContext, set_context
+from workers.model_cache import ModelCache
 
 log = logging.getLogger(__name__)
 
@@ -66,21 +69,25 @@ class ExplainWorker(SimpleWorker):
     def __init__(
         self,
         connection: Redis,
-        settings: Settings | None = None,
+        settings: Settings,
         *,
         store: ArtifactStore | None = None,
         queues: list[Queue] | None = None,
         device: str | None = None,
+        models: ModelCache | None = None,
         **kwargs: Any,
     ):
-        from workers import tasks
-
-        settings = settings or get_settings()
-        tasks.configure(settings, device)  # the job function runs in this process
         if kwargs.pop("serializer", JSONSerializer) is not JSONSerializer:
             raise ValueError("explanation workers only speak RQ's JSONSerializer")
         self.settings = settings
-        self.store = store if store is not None else open_store(settings)
+        # The one context its jobs read (they run in this process, in this thread).
+        self.context = WorkerContext(
+            settings=settings,
+            store=store if store is not None else open_store(settings),
+            models=models or ModelCache(resolve_device(device or settings.device)),
+        )
+        set_context(self.context)
+        self.store = self.context.store
         self._beat: _Heartbeat | None = None
         super().__init__(
             queues or [explain_queue(connection, settings)],
@@ -95,10 +102,8 @@ class ExplainWorker(SimpleWorker):
     def warm_up(self, model: str | None = None) -> None:
         """Load the model (once per process) and run a tiny pass; a missing model is
         logged, not fatal: jobs naming it will fail with the same readable reason."""
-        from workers import tasks
-
         try:
-            loaded = tasks.warm_up(model or self.settings.model)
+            loaded = self.context.models.warm_up(model or self.settings.model)
             self.log.info(
                 "Worker %s: model %s ready on %s", self.name, loaded.bundle.tag, loaded.device
             )

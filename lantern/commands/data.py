@@ -19,7 +19,7 @@ def run(args: argparse.Namespace) -> int:
     from models.data import SHAPES, write_shapes_folder
 
     if args.per_class < 1 or args.size < 16:
-        from lantern.errors import UsageError
+        from lantern.core.errors import UsageError
 
         raise UsageError("--per-class must be >= 1 and --size >= 16")
     write_shapes_folder(args.out, args.per_class, args.size, args.seed)

@@ -16,7 +16,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=Path("runs/latest/best.pt"),
         help="checkpoint written by `lantern train`",
     )
-    p.add_argument("--fp16", action="store_true", help="also write an fp16 graph for GPUs")
+    p.add_argument(
+        "--fp16",
+        action="store_true",
+        help="also write an fp16 graph (experimental: nothing loads it yet)",
+    )
     p.add_argument(
         "--tolerance",
         type=float,

@@ -24,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.action == "ensure":
         return _ensure(args.name)
-    from models.bundle import list_bundles
+    from lantern.core.bundle import list_bundles
 
     bundles = list_bundles(args.name)
     if args.json:
@@ -60,9 +60,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _ensure(name: str) -> int:
-    from lantern.errors import ModelError
-    from lantern.settings import get_settings
-    from models.bundle import load_bundle
+    from lantern.core.bundle import load_bundle
+    from lantern.core.errors import ModelError
+    from lantern.core.settings import get_settings
 
     tag = get_settings().model
     try:

@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         quiet_http_logs,
         write_csv_atomically,
     )
-    from lantern.errors import UsageError
+    from lantern.core.errors import UsageError
 
     quiet_http_logs(getattr(args, "verbose", False))
     if args.batch_size < 1 or args.top_k < 1:

@@ -22,8 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lantern.settings import get_settings
-    from models.bundle import load_bundle
+    from lantern.core.bundle import load_bundle
+    from lantern.core.settings import get_settings
 
     # Pin "latest" to a concrete version here, once: every server worker then loads the
     # same bundle even if a new version is registered while they start.

@@ -17,7 +17,7 @@ def settings_table() -> list[tuple[str, str, str]]:
     """(environment variable, default, description) for every setting, in declaration order."""
     from pydantic import AliasChoices
 
-    from lantern.settings import Settings
+    from lantern.core.settings import Settings
 
     rows = []
     for name, field in Settings.model_fields.items():
@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     if args.markdown:
         print(markdown_table())
         return 0
-    from lantern.settings import get_settings
+    from lantern.core.settings import get_settings
 
     current = get_settings().model_dump()
     for (env, default, desc), value in zip(settings_table(), current.values(), strict=True):

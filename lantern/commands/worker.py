@@ -25,9 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import redis
 
-    from lantern.errors import QueueUnavailable
-    from lantern.redis_retry import retry_redis
-    from lantern.settings import get_settings
+    from lantern.core.errors import QueueUnavailable
+    from lantern.core.redis_retry import retry_redis
+    from lantern.core.settings import get_settings
     from workers.worker import ExplainWorker
 
     overrides = {

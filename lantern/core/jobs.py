@@ -1,7 +1,7 @@
 """The contract between the API service and the explanation workers. Torch-free.
 
     queue          settings.queue ("lantern-explain"), RQ's JSONSerializer (never pickle) and
-                   lantern.safe_job.LanternJob, which refuses any job that names another
+                   lantern.core.safe_job.LanternJob, which refuses any job that names another
                    function, an instance or a callback: whoever can write to Redis cannot
                    make a worker run code
     job function   JOB_FUNCTION, "workers.tasks.explain", referenced by name: the service
@@ -11,7 +11,7 @@
                    the model version, the methods, the targets and the layers; an identical
                    request names the same job, so find_or_enqueue() reuses a finished one
     progress       job.meta["progress"] = {"done": images done, "total": images}
-    results        the artifact store (lantern.store) under the job id; manifest.json last
+    results        the artifact store (lantern.core.store) under the job id; manifest.json last
     status         job_status() -> JobStatus + progress + a readable error + the manifest
 
 The Redis connection is always passed in.
@@ -30,13 +30,11 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from lantern.errors import JobError
-from lantern.settings import Settings, get_settings
-from lantern.store import (
+from lantern.core.errors import JobError
+from lantern.core.settings import Settings
+from lantern.core.store import (
     INPUTS_DIR,
     ArtifactStore,
-    check_job_id,
-    is_valid_job_id,
     read_manifest,
 )
 
@@ -61,6 +59,26 @@ class Method(StrEnum):
     GRADCAM_PP = "gradcam_pp"
     SALIENCY = "saliency"
     ACTIVATIONS = "activations"
+
+
+def parse_methods(text: str) -> list[Method]:
+    """'gradcam, saliency' -> [Method.GRADCAM, Method.SALIENCY] (repeats dropped, order
+    kept); ValueError naming the choices for an empty list or an unknown name."""
+    choices = ", ".join(m.value for m in Method)
+    names = [m.strip().lower() for m in text.split(",") if m.strip()]
+    if not names:
+        raise ValueError(f"methods is empty; choose from {choices}")
+    unknown = [n for n in names if n not in Method._value2member_map_]
+    if unknown:
+        raise ValueError(f"unknown method {', '.join(map(repr, unknown))}; choose from {choices}")
+    return list(dict.fromkeys(Method(n) for n in names))
+
+
+def check_layer_name(name: str) -> str:
+    """`name` if it is a module path like 'layer4' or 'layer3.1.conv2'; else ValueError."""
+    if not LAYER_RE.fullmatch(name):
+        raise ValueError(f"{name!r} is not a layer name like 'layer4' or 'layer3.1.conv2'")
+    return name
 
 
 class JobStatus(StrEnum):
@@ -155,9 +173,7 @@ class ExplainRequest(BaseModel):
     @field_validator("layer", "activation_layer")
     @classmethod
     def _layer(cls, v: str | None) -> str | None:
-        if v is not None and not LAYER_RE.fullmatch(v):
-            raise ValueError(f"{v!r} is not a layer name like 'layer4' or 'layer3.1.conv2'")
-        return v
+        return None if v is None else check_layer_name(v)
 
     @model_validator(mode="after")
     def _consistent(self) -> ExplainRequest:
@@ -228,17 +244,25 @@ def image_name(filename: str | None, index: int) -> str:
 # --- enqueue, find, status ---------------------------------------------------------------
 
 
-def explain_queue(connection: Redis, settings: Settings | None = None) -> Queue:
+def explain_queue(connection: Redis, settings: Settings) -> Queue:
     """The explanation queue, always with the JSON serializer and the allow-listing job class."""
     from rq import Queue
     from rq.serializers import JSONSerializer
 
-    from lantern.safe_job import LanternJob
+    from lantern.core.safe_job import LanternJob
 
-    settings = settings or get_settings()
     return Queue(
         settings.queue, connection=connection, serializer=JSONSerializer, job_class=LanternJob
     )
+
+
+def check_image_count(n: int, settings: Settings) -> None:
+    """The one rule for how many images a job may carry (checked on enqueue and again by
+    the worker, which may be handed a job Lantern's API did not write)."""
+    if n < 1:
+        raise JobError("an explanation needs at least one image")
+    if n > settings.max_images_per_job:
+        raise JobError(f"{n} images in one job; the limit is {settings.max_images_per_job}")
 
 
 def build_request(
@@ -277,13 +301,13 @@ def enqueue_explain(
     connection: Redis,
     request: ExplainRequest,
     job_id: str,
-    settings: Settings | None = None,
+    settings: Settings,
 ) -> Job:
     """Put `request` on the queue as job `job_id`; DuplicateJobError if it already exists."""
     from rq import Retry
 
-    settings = settings or get_settings()
-    check_job_id(job_id)
+    if not is_explain_job_id(job_id):
+        raise JobError(f"{job_id!r} is not an explanation job id ('ex-' and 32 hex digits)")
     n = len(request.images)
     return explain_queue(connection, settings).enqueue(
         JOB_FUNCTION,
@@ -310,7 +334,8 @@ def find_or_enqueue(
     targets: Sequence[int | None] | None = None,
     layer: str = DEFAULT_LAYER,
     activation_layer: str | None = None,
-    settings: Settings | None = None,
+    *,
+    settings: Settings,
 ) -> tuple[str, bool]:
     """(job id, whether a new job was enqueued).
 
@@ -321,13 +346,7 @@ def find_or_enqueue(
     """
     from rq.exceptions import DuplicateJobError
 
-    settings = settings or get_settings()
-    if not images:
-        raise JobError("an explanation needs at least one image")
-    if len(images) > settings.max_images_per_job:
-        raise JobError(
-            f"{len(images)} images in one job; the limit is {settings.max_images_per_job}"
-        )
+    check_image_count(len(images), settings)
     job_id = make_job_id(images, model, methods, targets, layer, activation_layer)
     current = job_status(connection, job_id, store, settings)
     if current is not None and current["status"] != JobStatus.FAILED:
@@ -347,8 +366,8 @@ def find_or_enqueue(
 def job_status(
     connection: Redis,
     job_id: str,
-    store: ArtifactStore | None = None,
-    settings: Settings | None = None,
+    store: ArtifactStore | None,
+    settings: Settings,
 ) -> dict[str, Any] | None:
     """{"id", "status", "progress": {"done", "total"}, "error", "manifest"}, or None if
     no such job exists (in Redis, or as a finished manifest in the store)."""
@@ -356,7 +375,7 @@ def job_status(
     from rq.job import Job
     from rq.serializers import JSONSerializer
 
-    if not is_valid_job_id(job_id):
+    if not is_explain_job_id(job_id):
         return None
     try:
         job = Job.fetch(job_id, connection=connection, serializer=JSONSerializer)
@@ -385,7 +404,7 @@ def job_status(
     status = _STATUS_MAP.get(rq_status, JobStatus.QUEUED)
     progress = (job.meta or {}).get(META_PROGRESS, {})
     done, total = int(progress.get("done", 0)), int(progress.get("total", 0))
-    error = _readable_error(job, settings or get_settings()) if status == JobStatus.FAILED else None
+    error = _readable_error(job, settings) if status == JobStatus.FAILED else None
     if status == JobStatus.FINISHED and manifest is None and store is not None:
         status, error = JobStatus.FAILED, "the job finished but its artifacts are missing"
     return _status_dict(

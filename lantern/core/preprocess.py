@@ -1,7 +1,8 @@
-"""The one preprocessing definition, applied with PIL and numpy (no torch).
+"""The one preprocessing definition, applied with PIL and numpy (no torch). Core layer.
 
-Training and evaluation use `PreprocessSpec.eval_transform()` (torchvision); the service and
-the workers use `PreprocessSpec.apply()`. `tests/test_preprocess.py` proves they agree.
+The service and the workers use `PreprocessSpec.apply()`; training and evaluation use its
+torchvision twin, `models.transforms.eval_transform(spec)`. `tests/test_preprocess.py`
+proves they agree.
 
 The steps are torchvision's classification evaluation preset: resize the shorter side to
 `resize_size` (bilinear, as PIL does it), centre-crop `crop_size`, scale to [0, 1],
@@ -87,32 +88,6 @@ class PreprocessSpec:
             np.stack([self.apply(im) for im in images])
             if images
             else np.zeros((0, 3, self.crop_size, self.crop_size), dtype=np.float32)
-        )
-
-    def eval_transform(self) -> Any:
-        """The same steps as a torchvision transform (imports torchvision)."""
-        from torchvision import transforms as T
-
-        return T.Compose(
-            [
-                T.Resize(self.resize_size, interpolation=T.InterpolationMode.BILINEAR),
-                T.CenterCrop(self.crop_size),
-                T.ToTensor(),
-                T.Normalize(self.mean, self.std),
-            ]
-        )
-
-    def train_transform(self) -> Any:
-        """Light augmentation for fine-tuning: random resized crop and horizontal flip."""
-        from torchvision import transforms as T
-
-        return T.Compose(
-            [
-                T.RandomResizedCrop(self.crop_size, scale=(0.6, 1.0)),
-                T.RandomHorizontalFlip(),
-                T.ToTensor(),
-                T.Normalize(self.mean, self.std),
-            ]
         )
 
 

@@ -18,8 +18,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from lantern.errors import ModelError
-from models.preprocess import PreprocessSpec
+from lantern.core.errors import ModelError
+from lantern.core.preprocess import PreprocessSpec
 
 MODEL_NAME = "lantern-classifier"
 ONNX_FILE = "model.onnx"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -33,7 +34,9 @@ class Settings(BaseSettings):
         "compose).",
     )
     queue: str = Field("lantern-explain", description="RQ queue name for explanation jobs.")
-    device: str = Field("auto", description="Worker device: auto, cpu or cuda.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Worker device: auto, cpu or cuda."
+    )
     max_upload_bytes: int = Field(10 * 1024 * 1024, description="Largest accepted upload.")
     max_pixels: int = Field(40_000_000, description="Largest accepted image, in pixels.")
     max_batch_images: int = Field(
@@ -66,11 +69,10 @@ class Settings(BaseSettings):
         description="How long a busy worker keeps retrying a Redis write (progress, result, "
         "failure) during an outage before leaving the job to be retried by maintenance.",
     )
-    redis_appendfsync: str = Field(
+    redis_appendfsync: Literal["everysec", "always"] = Field(
         "everysec",
         description="fsync policy of the Redis that `lantern up` starts: everysec (a power "
         "loss may drop the last second of accepted jobs) or always (none, slower writes).",
-        pattern="^(everysec|always)$",
     )
     inline_image_bytes: int = Field(
         256 * 1024,
@@ -88,7 +90,7 @@ class Settings(BaseSettings):
     ort_threads: int = Field(
         0, description="ONNX Runtime intra-op threads (0: one per physical core)."
     )
-    ort_provider: str = Field(
+    ort_provider: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="ONNX Runtime execution provider: auto, cpu or cuda."
     )
     api_keys: SecretStr = Field(

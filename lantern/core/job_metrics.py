@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, cast
 if TYPE_CHECKING:
     from redis import Redis
 
-    from lantern.settings import Settings
+    from lantern.core.settings import Settings
 
 JOBS_KEY = "lantern:metrics:jobs"
 JOB_SECONDS_KEY = "lantern:metrics:job_seconds"

@@ -7,7 +7,7 @@ write to Redis could write a job naming `os.system`. So every queue, registry an
 of Lantern uses this job class, which checks the job against an allow-list before RQ
 resolves any name:
 
-    func_name   exactly lantern.jobs.JOB_FUNCTION, no instance
+    func_name   exactly lantern.core.jobs.JOB_FUNCTION, no instance
     arguments   one JSON object (the ExplainRequest payload), no keyword arguments
     callbacks   none (Lantern sets none)
 
@@ -24,8 +24,8 @@ from typing import Any
 
 from rq.job import Job
 
-from lantern.errors import JobError
-from lantern.jobs import JOB_FUNCTION
+from lantern.core.errors import JobError
+from lantern.core.jobs import JOB_FUNCTION
 
 
 class RefusedJob(JobError):

@@ -11,12 +11,14 @@ Layout of the default, directory-backed store (`settings.artifact_dir`):
     <root>/<job_id>/inputs/<image>                  an input image passed by reference
 
 Both parts of an address are checked against strict patterns before any path is built, so
-no request can name a file outside its job's directory: a job id is letters, digits, `_`
-and `-`; a file name is one such component with dots (never two in a row), optionally
-under the single fixed sub-directory `inputs/`.
+no request can name a file outside its job's directory: a job id is one safe path component
+of letters, digits, `_` and `-` (the store keeps any such key; the ids Lantern's jobs use,
+`ex-` and 32 hex digits, are one kind of it: lantern.core.jobs.is_explain_job_id); a
+file name is one such component with dots (never two in a row), optionally under the
+single fixed sub-directory `inputs/`.
 
 `ArtifactStore` is the interface the workers and the service use; an S3-compatible store
-would implement the same six methods with keys `<job_id>/<name>`.
+would implement the same five methods with keys `<job_id>/<name>`.
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
-from lantern.errors import InvalidAddress, JobError
-from lantern.settings import Settings, get_settings
+from lantern.core.errors import InvalidAddress, JobError
+from lantern.core.settings import Settings
 
 MANIFEST = "manifest.json"
 INPUTS_DIR = "inputs"
@@ -66,7 +68,6 @@ class ArtifactStore(Protocol):
     def read(self, job_id: str, name: str) -> bytes: ...
     def exists(self, job_id: str, name: str) -> bool: ...
     def list_files(self, job_id: str) -> list[str]: ...
-    def delete_job(self, job_id: str) -> None: ...
     def expire(self, max_age_seconds: float, now: float | None = None) -> list[str]: ...
 
 
@@ -117,9 +118,6 @@ class DirectoryStore:
         ]
         return sorted(n for n in names if is_valid_file_name(n))
 
-    def delete_job(self, job_id: str) -> None:
-        shutil.rmtree(self.root / check_job_id(job_id), ignore_errors=True)
-
     def expire(self, max_age_seconds: float, now: float | None = None) -> list[str]:
         """Delete job directories last written more than `max_age_seconds` ago."""
         if not self.root.is_dir():
@@ -138,9 +136,9 @@ class DirectoryStore:
         return sorted(removed)
 
 
-def open_store(settings: Settings | None = None) -> DirectoryStore:
+def open_store(settings: Settings) -> DirectoryStore:
     """The store the settings name (a directory; the only kind built so far)."""
-    return DirectoryStore((settings or get_settings()).artifact_dir)
+    return DirectoryStore(settings.artifact_dir)
 
 
 def write_manifest(store: ArtifactStore, job_id: str, manifest: dict[str, Any]) -> None:
@@ -155,6 +153,6 @@ def read_manifest(store: ArtifactStore, job_id: str) -> dict[str, Any] | None:
     return result
 
 
-def expire_artifacts(store: ArtifactStore, settings: Settings | None = None) -> list[str]:
+def expire_artifacts(store: ArtifactStore, settings: Settings) -> list[str]:
     """Delete the artifacts of jobs older than `settings.job_ttl_seconds`."""
-    return store.expire((settings or get_settings()).job_ttl_seconds)
+    return store.expire(settings.job_ttl_seconds)

@@ -17,7 +17,7 @@ import struct
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from lantern.errors import PayloadTooLarge, UnprocessableInput, UnsupportedMediaType
+from lantern.core.errors import PayloadTooLarge, UnprocessableInput, UnsupportedMediaType
 
 # Decoders Pillow may use; anything else is refused before a decoder runs. (The JPEG
 # decoder also reads MPO, the multi-picture JPEG many phone cameras write.)
