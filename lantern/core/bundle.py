@@ -12,6 +12,7 @@ Torch-free: the service reads bundles through this module too.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -138,6 +139,6 @@ def list_bundles(name: str = MODEL_NAME) -> list[Bundle]:
 
 
 def _store_dir() -> str:
-    from bentoml._internal.configuration.containers import BentoMLContainer
-
-    return str(BentoMLContainer.bentoml_home.get()) + "/models"
+    """Where BentoML keeps models: $BENTOML_HOME/models (BENTOML_HOME defaults to ~/bentoml)."""
+    home = os.environ.get("BENTOML_HOME") or os.path.join(os.path.expanduser("~"), "bentoml")
+    return os.path.join(home, "models")
