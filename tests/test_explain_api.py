@@ -168,7 +168,7 @@ def test_artifact_paths_cannot_leave_the_store(
         ({"methods": "telepathy"}, "one", 422, "unknown method"),
         ({"methods": "gradcam", "targets": "1,2"}, "one", 422, "one per image"),
         ({"methods": "gradcam", "targets": "99"}, "one", 422, "out of range"),
-        ({"layer": "layer4; rm -rf /"}, "one", 422, "not a module name"),
+        ({"layer": "layer4; rm -rf /"}, "one", 422, "is not a layer name"),
         ({"methods": "gradcam"}, "bad", 415, "not an image"),
     ],
 )

@@ -318,7 +318,6 @@ def test_swagger_ui_asks_for_the_api_key_once_when_keys_are_set(keyed_server: Se
     assert prompts == 1 and not errors
 
 
-@pytest.mark.timeout(120)
 @pytest.fixture
 def outage(tiny_bundle, tmp_path: Path) -> Iterator[tuple[Server, RedisServer]]:  # type: ignore[no-untyped-def]
     """A server and Redis of this test's own: the test stops the Redis."""
@@ -328,6 +327,7 @@ def outage(tiny_bundle, tmp_path: Path) -> Iterator[tuple[Server, RedisServer]]:
     redis.stop()
 
 
+@pytest.mark.timeout(180)
 def test_with_redis_gone_the_explanation_routes_answer_the_documented_503(
     outage: tuple[Server, RedisServer],
 ) -> None:
