@@ -140,7 +140,7 @@ JOB_RESPONSES: dict[int | str, dict[str, Any]] = {
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
 ARTIFACT_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
-        "description": "The file: a PNG map or overlay (`image/png`), a raw float16 NumPy "
+        "description": "The file: a PNG map or overlay (`image/png`), a raw float32 NumPy "
         "array (`.npy`, `application/octet-stream`), or an input image passed by reference "
         "(`inputs/…`, its own image type)",
         "content": {

@@ -69,9 +69,9 @@ def test_activation_grid_tiles_channels_in_a_square() -> None:
     assert odd.size == (3 * tile + 4 * render.GRID_GAP, 2 * tile + 3 * render.GRID_GAP)
 
 
-def test_raw_maps_are_float16_npy() -> None:
+def test_raw_maps_are_float32_npy_exactly_as_computed() -> None:
+    # float16 used to round 1.5e-3 and clip 70000; a raw map is now stored as it is.
     raw = np.array([[0.0, 1.5e-3], [70000.0, -2.0]], dtype=np.float32)
     loaded = np.load(io.BytesIO(render.npy_bytes(raw)), allow_pickle=False)
-    assert loaded.dtype == np.float16 and loaded.shape == (2, 2)
-    assert np.isfinite(loaded).all()  # 70000 is clipped to float16's largest value
-    np.testing.assert_allclose(loaded.astype(np.float32)[0], raw[0], rtol=1e-3)
+    assert loaded.dtype == np.float32 and loaded.shape == (2, 2)
+    np.testing.assert_array_equal(loaded, raw)

@@ -88,10 +88,24 @@ def test_a_worker_process_runs_a_job_end_to_end(
         for method, files in entry["files"].items():
             assert open_png(store, job_id, files["heatmap"]).size == (TINY_SIZE, TINY_SIZE)
             assert open_png(store, job_id, files["overlay"]).size == sizes[entry["name"]]
-            raw = np.load(io.BytesIO(store.read(job_id, files["raw"])), allow_pickle=False)
-            assert raw.dtype == np.float16 and raw.shape == (TINY_SIZE, TINY_SIZE), method
+            raw = load_npy(store, job_id, files["raw"])
+            assert raw.dtype == np.float32 and raw.shape == NATIVE[method], method
+            assert files["raw"] == f"{entry['name']}.{method}.npy"
+            upsampled = load_npy(store, job_id, files["upsampled"])
+            assert upsampled.dtype == np.float32, method
+            assert upsampled.shape == (TINY_SIZE, TINY_SIZE), method
         grid = open_png(store, job_id, entry["files"]["activations"]["grid"])
         assert grid.width > 100 and grid.height > 100
+    for method in ALL_METHODS:
+        described = manifest["maps"][method]
+        assert described["shape"] == list(NATIVE[method]) and described["dtype"] == "float32"
+        assert described["layer"] == (None if method == "saliency" else "layer4")
+        assert described["upsampled"]["shape"] == [TINY_SIZE, TINY_SIZE]
+        assert "bilinear" in described["upsampled"]["method"] and described["definition"]
+    assert "after the ReLU, before any normalisation" in manifest["maps"]["gradcam"]["definition"]
+    assert manifest["batchnorm"].startswith("folded")
+    _raw_maps_are_what_the_engine_computes(store, job_id, manifest, tiny_bundle, images, [None, 2])
+
     listed = set(store.list_files(job_id))
     for entry in manifest["images"]:
         for files in entry["files"].values():
@@ -101,6 +115,50 @@ def test_a_worker_process_runs_a_job_end_to_end(
     assert find_or_enqueue(
         redis_conn, store, images, tiny_bundle.tag, ALL_METHODS, [None, 2], settings=settings
     ) == (job_id, False)
+
+
+# The native (h, w) of each method's map for the 64-px tiny ResNet-18: layer4 is 64 / 32.
+NATIVE = {
+    "gradcam": (2, 2),
+    "gradcam_pp": (2, 2),
+    "activations": (2, 2),
+    "saliency": (TINY_SIZE, TINY_SIZE),
+}
+
+
+def load_npy(store: DirectoryStore, job_id: str, name: str) -> np.ndarray:
+    array: np.ndarray = np.load(io.BytesIO(store.read(job_id, name)), allow_pickle=False)
+    return array
+
+
+def _raw_maps_are_what_the_engine_computes(
+    store: DirectoryStore, job_id: str, manifest: dict[str, Any], bundle: Any,
+    images: list[tuple[str, bytes]], targets: list[int | None],
+) -> None:  # fmt: skip
+    """Each stored raw map equals the engine's map for that image, computed here in this
+    process from the bundle's weights, as a picture: relative L2 error (float32 rounding
+    and thread counts differ between processes; see tests/test_engine.py)."""
+    import torch
+
+    from lantern.core.images import decode_image
+    from models.network import build_model, load_weights
+    from workers.engine import explain, fold_batchnorm
+    from workers.methods import make_method
+
+    model = build_model(bundle.architecture, len(bundle.class_names), weights="none")
+    load_weights(model, bundle.weights_path, bundle.architecture)
+    fold_batchnorm(model.eval())
+    methods = [make_method(m, "layer4") for m in ALL_METHODS]
+    for (_, data), target, entry in zip(images, targets, manifest["images"], strict=True):
+        x = torch.from_numpy(bundle.preprocess.apply_batch([decode_image(data, max_pixels=10**7)]))
+        ex = explain(model, x, methods, [target])
+        for method in ALL_METHODS:
+            expected = ex.results[method].maps[0].numpy().astype(np.float64)
+            stored = load_npy(store, job_id, entry["files"][method]["raw"]).astype(np.float64)
+            assert stored.shape == expected.shape, method
+            scale = np.linalg.norm(expected)
+            assert scale > 0, method
+            assert np.linalg.norm(stored - expected) / scale < 1e-4, method
 
 
 class Exploit:

@@ -126,8 +126,14 @@ class Explanation:
         )
 
 
+UPSAMPLING = (
+    "bilinear (torch.nn.functional.interpolate, align_corners=False); none when the map "
+    "is already at the input size"
+)
+
+
 def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(N, h, w) -> (N, H, W), bilinear; unchanged when already that size."""
+    """(N, h, w) -> (N, H, W), bilinear (UPSAMPLING); unchanged when already that size."""
     if tuple(maps.shape[-2:]) == tuple(size):
         return maps
     return F.interpolate(maps[:, None].float(), size=size, mode="bilinear", align_corners=False)[

@@ -1,10 +1,21 @@
 """A finished job's files: each image's rendered maps, and the manifest that lists them.
 
-For every image and method: a heatmap PNG on the model's input crop, an overlay PNG on the
-original picture, the raw map as .npy; for activations also the channel grid and the
-channels themselves. The manifest (written last by the job: its presence means
-"complete") records the model, the methods, the layers, and per image its prediction,
-explained target and file names.
+For every image and method:
+
+    <name>.<method>.npy            the raw map as the method computed it: native resolution
+                                   (the layer's h x w; the input's for saliency), float32,
+                                   unnormalised
+    <name>.<method>.upsampled.npy  that map upsampled to the model's input (bilinear,
+                                   align_corners=False), float32: what the PNGs are made from
+    <name>.<method>.heatmap.png    the upsampled map scaled to [0, 1], on the input crop
+    <name>.<method>.overlay.png    the same, blended over the original picture
+
+and for activations also the channel grid (PNG) and the channels themselves (float32,
+(k, h, w), native). The manifest (written last by the job: its presence means
+"complete") records the model, the methods, the layers, per method what its raw map is
+(`maps`: shape, dtype, layer, definition, the upsampling and display scaling behind the
+PNGs), that BatchNorm is folded (`batchnorm`), and per image its prediction, explained
+target and file names.
 """
 
 from __future__ import annotations
@@ -19,8 +30,16 @@ from PIL import Image
 from lantern.core.jobs import ExplainRequest, Method
 from lantern.core.store import ArtifactStore
 from workers import render
-from workers.engine import Explanation
+from workers.engine import UPSAMPLING, Explanation
+from workers.methods import ExplanationMethod
 from workers.model_cache import LoadedModel
+
+BATCHNORM = (
+    "folded: the worker folds every BatchNorm that follows a convolution into that "
+    "convolution before explaining (workers.engine.fold_batchnorm); predictions and maps "
+    "equal the unfolded model's up to float32 rounding, and the output of a named "
+    "convolution includes its BatchNorm"
+)
 
 
 def render_image(
@@ -34,7 +53,10 @@ def render_image(
     row: int,
     maps: dict[str, tuple[torch.Tensor, torch.Tensor]],
 ) -> dict[str, Any]:
-    """Write image `index`'s files (row `row` of the chunk `ex`); its manifest entry."""
+    """Write image `index`'s files (row `row` of the chunk `ex`); its manifest entry.
+
+    `maps[method]` is (the upsampled maps, those maps scaled to [0, 1]) of the chunk; the
+    native maps are `ex.results[method].maps`."""
     name = request.images[index].name
     probs = ex.probabilities[row]
     top = int(probs.argmax())
@@ -43,15 +65,18 @@ def render_image(
     files: dict[str, dict[str, Any]] = {}
     for method in request.methods:
         m = method.value
-        raw, unit = maps[m][0][row].numpy(), maps[m][1][row].numpy()
+        native = ex.results[m].maps[row].numpy()
+        upsampled, unit = maps[m][0][row].numpy(), maps[m][1][row].numpy()
         entry: dict[str, Any] = {
             "heatmap": f"{name}.{m}.heatmap.png",
             "overlay": f"{name}.{m}.overlay.png",
             "raw": f"{name}.{m}.npy",
+            "upsampled": f"{name}.{m}.upsampled.npy",
         }
         store.write(job_id, entry["heatmap"], render.heatmap_png(unit))
         store.write(job_id, entry["overlay"], render.overlay_png(original, unit, loaded.spec))
-        store.write(job_id, entry["raw"], render.npy_bytes(raw))
+        store.write(job_id, entry["raw"], render.npy_bytes(native))
+        store.write(job_id, entry["upsampled"], render.npy_bytes(upsampled))
         if method == Method.ACTIVATIONS:
             result = ex.results[m]
             channels = result.extras["channels"][row].numpy()
@@ -77,9 +102,43 @@ def render_image(
     }
 
 
+def describe_maps(
+    methods: list[ExplanationMethod], shapes: dict[str, list[int]], input_size: list[int]
+) -> dict[str, dict[str, Any]]:
+    """Per method: what its raw map is, exactly, and how the PNGs are made from it.
+
+    `shapes[method]` is the native (h, w) of its maps, as computed."""
+    described: dict[str, dict[str, Any]] = {}
+    for method in methods:
+        quantile = method.display_quantile
+        top = "maximum" if quantile >= 1.0 else f"{quantile:g} quantile (values above it are 1)"
+        info: dict[str, Any] = {
+            "shape": shapes[method.name],
+            "dtype": "float32",
+            "layer": method.layer,  # None: the input (saliency)
+            "definition": method.definition,
+            "normalised": False,
+            "upsampled": {"shape": input_size, "dtype": "float32", "method": UPSAMPLING},
+            "display": (
+                f"the upsampled map scaled per image to [0, 1] between its minimum and its "
+                f"{top}; {render.HEAT_COLORMAP} colour map; the overlay resizes it "
+                "(bilinear) onto the crop box of the original picture"
+            ),
+        }
+        if method.name == Method.ACTIVATIONS.value:
+            info["channels"] = "float32 (k, h, w): the k strongest channels, native resolution"
+        described[method.name] = info
+    return described
+
+
 def build_manifest(
-    job_id: str, request: ExplainRequest, loaded: LoadedModel, entries: list[dict[str, Any]]
+    job_id: str,
+    request: ExplainRequest,
+    loaded: LoadedModel,
+    entries: list[dict[str, Any]],
+    maps: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
+    """The job's manifest; `maps` is describe_maps()'s answer."""
     spec = loaded.spec
     return {
         "job_id": job_id,
@@ -90,6 +149,8 @@ def build_manifest(
         "layer": request.layer,
         "activation_layer": request.effective_activation_layer,
         "input_size": [spec.crop_size, spec.crop_size],
+        "maps": maps or {},
+        "batchnorm": BATCHNORM,
         "created_at": datetime.now(UTC).isoformat(),
         "images": entries,
     }

@@ -1,5 +1,5 @@
 """Rendering: maps in [0, 1] -> PNG heatmaps, overlays on the original picture, activation
-grids, and raw float16 `.npy` files. numpy + Pillow; matplotlib only builds the colour maps.
+grids, and raw float32 `.npy` files. numpy + Pillow; matplotlib only builds the colour maps.
 
 Colour maps are perceptual (inferno for heat, viridis for the activation grid): lightness
 rises monotonically with the value, so a brighter pixel always means "more".
@@ -21,7 +21,6 @@ GRID_COLORMAP = "viridis"
 OVERLAY_ALPHA = 0.5  # weight of the heatmap where the map is 1
 GRID_TILE_MIN = 48  # px: small feature maps are enlarged (nearest) to at least this
 GRID_GAP = 2
-FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
 @lru_cache(maxsize=4)
@@ -108,8 +107,7 @@ def activation_grid_png(channels: np.ndarray) -> bytes:
 
 
 def npy_bytes(raw: np.ndarray) -> bytes:
-    """The raw map as float16 `.npy` (values beyond float16's range are clipped)."""
+    """The map as float32 `.npy`, values as they are (nothing rounded, clipped or scaled)."""
     buf = io.BytesIO()
-    clipped = np.clip(np.nan_to_num(raw.astype(np.float32)), -FLOAT16_MAX, FLOAT16_MAX)
-    np.save(buf, clipped.astype(np.float16), allow_pickle=False)
+    np.save(buf, np.ascontiguousarray(raw, dtype=np.float32), allow_pickle=False)
     return buf.getvalue()

@@ -33,7 +33,7 @@ from lantern.core.redis_retry import retry_redis
 from lantern.core.store import ArtifactStore, write_manifest
 from workers.context import WorkerContext, current_context
 from workers.engine import explain_in_chunks, normalise
-from workers.manifest import build_manifest, render_image
+from workers.manifest import build_manifest, describe_maps, render_image
 from workers.methods import make_method
 
 log = logging.getLogger(__name__)
@@ -100,13 +100,15 @@ def run_job(
     _progress(job, context, 0, n)
 
     entries: list[dict[str, Any]] = []
+    shapes: dict[str, list[int]] = {}
     for start, end, ex in explain_in_chunks(
         loaded.model, batch, methods, request.targets, settings.explain_chunk_size, loaded.device
     ):
         maps = {}
         for method in methods:
-            raw = ex.upsampled(method.name)
-            maps[method.name] = (raw, normalise(raw, method.display_quantile))
+            shapes[method.name] = [int(d) for d in ex.results[method.name].maps.shape[-2:]]
+            upsampled = ex.upsampled(method.name)
+            maps[method.name] = (upsampled, normalise(upsampled, method.display_quantile))
         for i in range(start, end):
             original: Image.Image = originals[i]
             entries.append(
@@ -114,7 +116,9 @@ def run_job(
             )
         _progress(job, context, end, n)
 
-    write_manifest(store, job_id, build_manifest(job_id, request, loaded, entries))
+    input_size = [loaded.spec.crop_size, loaded.spec.crop_size]
+    described = describe_maps(methods, shapes, input_size)
+    write_manifest(store, job_id, build_manifest(job_id, request, loaded, entries, described))
     return {"manifest": "manifest.json", "images": n, "model": loaded.bundle.tag}
 
 

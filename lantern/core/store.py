@@ -3,12 +3,21 @@
 Layout of the default, directory-backed store (`settings.artifact_dir`):
 
     <root>/<job_id>/manifest.json                  written last: its presence means "complete"
-    <root>/<job_id>/<image>.<method>.heatmap.png    map on the model's input crop
-    <root>/<job_id>/<image>.<method>.overlay.png    map blended over the original picture
-    <root>/<job_id>/<image>.<method>.npy            raw map, float16
+    <root>/<job_id>/<image>.<method>.npy            raw map as computed: native resolution
+                                                    (h, w) of its layer (the input's for
+                                                    saliency), float32, unnormalised
+    <root>/<job_id>/<image>.<method>.upsampled.npy  that map upsampled (bilinear) to the
+                                                    model's input size, float32
+    <root>/<job_id>/<image>.<method>.heatmap.png    the upsampled map scaled to [0, 1], on
+                                                    the model's input crop
+    <root>/<job_id>/<image>.<method>.overlay.png    the same, blended over the original picture
     <root>/<job_id>/<image>.activations.grid.png    strongest channels of the activation layer
-    <root>/<job_id>/<image>.activations.channels.npy  those channels, float16 (k, h, w)
+    <root>/<job_id>/<image>.activations.channels.npy  those channels, float32 (k, h, w), native
     <root>/<job_id>/inputs/<image>                  an input image passed by reference
+
+The manifest says, per method (`maps`), the raw map's shape, dtype, layer and exact
+definition, the upsampling and display scaling behind the PNGs, and that BatchNorm is
+folded into the convolutions (`batchnorm`); workers.manifest writes it.
 
 Both parts of an address are checked against strict patterns before any path is built, so
 no request can name a file outside its job's directory: a job id is one safe path component

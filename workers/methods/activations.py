@@ -14,6 +14,11 @@ TOP_CHANNELS = 16  # a 4 x 4 grid
 class Activations(ExplanationMethod):
     name = "activations"
     needs_layer = True
+    definition = (
+        "mean over channels of the layer's output A (N, K, h, w), at the layer's own "
+        "resolution, unnormalised; the channels file holds the channels of A with the "
+        "largest spatial mean, strongest first, their indices in channel_index"
+    )
 
     def __init__(self, layer: str | None = None, top: int = TOP_CHANNELS):
         super().__init__(layer)

@@ -43,6 +43,8 @@ class ExplanationMethod:
     # Maps are scaled to [0, 1] for display against this quantile of each map, not its
     # maximum: pixel-level maps are dominated by a few extreme values otherwise.
     display_quantile: ClassVar[float] = 1.0
+    # What the raw map is, exactly, for the job manifest (workers.manifest).
+    definition: ClassVar[str] = ""
 
     def __init__(self, layer: str | None = None):
         if self.needs_layer and not layer:

@@ -12,6 +12,11 @@ from workers.methods.base import ChannelWeightedCAM
 
 class GradCAM(ChannelWeightedCAM):
     name = "gradcam"
+    definition = (
+        "ReLU(sum_k w_k A^k), A the layer's output (channels k), w_k the spatial mean of "
+        "dy_c/dA^k, y_c the target class's logit (before softmax); taken after the ReLU, "
+        "before any normalisation, at the layer's own resolution"
+    )
 
     def channel_weights(self, acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
         return grads.mean(dim=(2, 3), keepdim=True)

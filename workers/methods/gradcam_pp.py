@@ -16,6 +16,12 @@ _EPS = 1e-7
 
 class GradCAMPlusPlus(ChannelWeightedCAM):
     name = "gradcam_pp"
+    definition = (
+        "ReLU(sum_k w_k A^k), A the layer's output (channels k), w_k = sum_ij a_ij "
+        "ReLU(g_ij) with g = dy_c/dA^k, a_ij = g^2 / (2 g^2 + sum_ab A^k_ab g^3) (0 where "
+        "g = 0), y_c the target class's logit; after the ReLU, before any normalisation, "
+        "at the layer's own resolution"
+    )
 
     def channel_weights(self, acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
         g2 = grads.pow(2)

@@ -9,6 +9,10 @@ class Saliency(ExplanationMethod):
     name = "saliency"
     needs_input_gradient = True
     display_quantile = 0.99
+    definition = (
+        "max over the colour channels of |dy_c/dx|, x the preprocessed (normalised) input, "
+        "y_c the target class's logit; at the model's input resolution, unnormalised"
+    )
 
     def compute(self, p: PassOutputs) -> MethodResult:
         assert p.input_gradient is not None
