@@ -13,12 +13,13 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export BENTOML_DO_NOT_TRACK := true
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help install up test bench lint typecheck check clean
+.PHONY: help install up test bench soak lint typecheck check clean
 
 help:
 	@echo "make up      start Redis, an explanation worker and the API on http://127.0.0.1:3000"
 	@echo "make test    install everything into $(VENV) and run the whole test suite"
 	@echo "make bench   prediction and explanation benchmarks (writes nothing outside /tmp)"
+	@echo "make soak    memory soak: RSS of the API over 10,000 /predict requests (BENCHMARKS.md)"
 	@echo "make lint    ruff;  make typecheck  mypy;  make check  both"
 
 $(BIN)/python:
@@ -51,6 +52,12 @@ test: install $(CHROMIUM)
 bench: $(VENV)/.installed-bench
 	$(BIN)/python -m bench.predict
 	$(BIN)/python -m bench.explain
+
+# ResNet-50 at 224 px: about 10 minutes on 2 quiet cores (SOAK_ARGS="--arch resnet18
+# --image-size 64" for a quick one).
+SOAK_ARGS ?=
+soak: $(VENV)/.installed
+	$(BIN)/python -m bench.soak $(SOAK_ARGS)
 
 lint: install
 	$(BIN)/ruff check .
