@@ -32,12 +32,17 @@ from service.batcher import MicroBatcher
 from service.error_bodies import ErrorBodies
 from service.explanations import Explanations
 from service.gateway import ApiKeyMiddleware, install_templated_metrics
+from service.memory import MallocTrimmer, decode_threads, patch_timeout_middleware
 from service.metrics import record_batch, record_model_info
 from service.openapi import OpenAPIDocument
 from service.status_api import ExplainProbe
 from service.uploads import Upload
 
 log = logging.getLogger("lantern.service")
+
+# BentoML's per-request timeout timer otherwise keeps every request alive for 300 s.
+patch_timeout_middleware()
+
 
 @bentoml.asgi_app(app, path="/")
 @bentoml.service(
@@ -58,6 +63,10 @@ class Lantern:
         self.bundle: Bundle = load_bundle(self.settings.model)
         self.spec = self.bundle.preprocess
         self.class_names = self.bundle.class_names
+        self.trimmer = MallocTrimmer()
+        # Decoding is CPU-bound: more threads than cores only hold more decoded images
+        # (and glibc arenas) in memory at once, not finish sooner.
+        self.decode_limiter = anyio.CapacityLimiter(decode_threads())
         self.session = classifier.create_session(
             self.bundle.onnx_path,
             provider=self.settings.ort_provider,
@@ -94,13 +103,17 @@ class Lantern:
 
         Raises service.batcher.Overloaded when the model queue is too long.
         """
-        batch = await anyio.to_thread.run_sync(self.preprocess_uploads, uploads)
+        batch = await anyio.to_thread.run_sync(
+            self.preprocess_uploads, uploads, limiter=self.decode_limiter
+        )
         probabilities = await self.batcher.submit(batch)
         return [self.answer(row, k) for row in probabilities]
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         """Class probabilities (N, classes) for preprocessed images (N, 3, H, W)."""
-        return classifier.softmax(classifier.run(self.session, batch))
+        probabilities = classifier.softmax(classifier.run(self.session, batch))
+        self.trimmer.maybe_trim()  # between batches: hand freed heap memory back to the OS
+        return probabilities
 
     def preprocess_uploads(self, uploads: list[Upload]) -> np.ndarray:
         images = [self.decode(u) for u in uploads]

@@ -9,6 +9,12 @@ import sys
 HELP = "Serve predictions over HTTP from the registered ONNX model (BentoML, no torch)."
 
 SERVICE = "service.service:Lantern"
+# glibc malloc, for a server that decodes photos in many threads (service/memory.py,
+# BENCHMARKS.md "Memory"): threads share two arenas instead of up to eight per core that
+# each keep their freed memory, and blocks of 1 MiB and more (decoded images, ONNX Runtime
+# activations) are always their own mappings, returned to the OS when freed, instead of
+# heap memory once glibc's adaptive threshold has risen. The environment overrides these.
+MALLOC_ENV = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "1048576"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,6 +35,8 @@ def run(args: argparse.Namespace) -> int:
     # same bundle even if a new version is registered while they start.
     bundle = load_bundle(args.model or get_settings().model)
     env = {**os.environ, "LANTERN_MODEL": bundle.tag, "BENTOML_DO_NOT_TRACK": "true"}
+    for name, value in MALLOC_ENV.items():  # glibc reads these when the server starts
+        env.setdefault(name, value)
     command = [
         sys.executable, "-m", "bentoml", "serve", SERVICE,
         "--host", args.host, "--port", str(args.port),
