@@ -43,6 +43,51 @@ def export_onnx(model: nn.Module, spec: PreprocessSpec, path: Path) -> Path:
     return path
 
 
+# Modules whose 4-D output is not a convolutional feature map: global pooling to a fixed
+# size (a ResNet's `avgpool` answers (N, C, 1, 1) whatever the input).
+NOT_FEATURE_MAPS: tuple[type[nn.Module], ...] = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+
+
+def is_feature_map_module(module: nn.Module) -> bool:
+    """False for modules whose output, even when 4-D, is no convolutional feature map."""
+    return not isinstance(module, NOT_FEATURE_MAPS)
+
+
+def explainable_layers(model: nn.Module, input_size: int) -> list[dict[str, Any]]:
+    """Every module whose output is a convolutional feature map (N, C, H, W), in the order
+    the forward pass runs them: [{"name": "layer4", "shape": [C, H, W]}, ...] at the
+    model's input size, measured with forward hooks on one pass of a zero image.
+
+    These are the layers Grad-CAM, Grad-CAM++ and activations can explain; `fc`
+    (N, classes) and `avgpool` (global pooling) are not among them. A module run twice in
+    one pass (a ResNet block's shared `relu`) is listed where it first runs, with the
+    shape of its last run: the output an explanation captures (workers.engine.LayerCapture).
+    """
+    found: dict[str, list[int]] = {}
+    handles = []
+
+    def recorder(name: str) -> Any:
+        def record(module: nn.Module, inputs: object, output: object) -> None:
+            if isinstance(output, torch.Tensor) and output.dim() == 4:
+                found[name] = [int(d) for d in output.shape[1:]]
+
+        return record
+
+    for name, module in model.named_modules():
+        if name and is_feature_map_module(module):
+            handles.append(module.register_forward_hook(recorder(name)))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, 3, input_size, input_size))
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return [{"name": name, "shape": shape} for name, shape in found.items()]
+
+
 def parity_max_abs_diff(
     model: nn.Module, onnx_path: Path, spec: PreprocessSpec, *, seed: int = 0
 ) -> float:
@@ -123,6 +168,7 @@ def export_checkpoint(
 
         weights_path = tmpdir / "weights.pt"
         torch.save(ckpt["model"], weights_path)
+        layers = explainable_layers(model, spec.crop_size)
         meta = {
             "architecture": ckpt["architecture"],
             "class_names": list(ckpt["class_names"]),
@@ -130,6 +176,11 @@ def export_checkpoint(
             "training": ckpt.get("training", {}),
             "metrics": ckpt.get("metrics", {}),
             "export": export_info,
+            "explainable_layers": layers,
+            # The other modules, so a refusal can say "not a feature map" vs "no such layer".
+            "non_explainable_layers": [
+                n for n, _ in model.named_modules() if n and n not in {x["name"] for x in layers}
+            ],
             "source_checkpoint": str(checkpoint.resolve()),
         }
         return save_bundle(onnx_path, weights_path, meta, onnx_fp16_path=fp16_path, name=name)

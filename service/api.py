@@ -20,6 +20,7 @@ from lantern.core.errors import InputError, JobNotFound, QueueUnavailable
 from service.batcher import Overloaded
 from service.dependencies import CurrentService
 from service.jobs_api import router as jobs_router
+from service.model_api import router as model_router
 from service.openapi import PREDICT_BATCH_RESPONSES, PREDICT_RESPONSES, operation_id
 from service.pages import router as pages_router
 from service.status_api import router as status_router
@@ -121,6 +122,7 @@ async def predict_batch(
 
 app.include_router(jobs_router)
 app.include_router(status_router)
+app.include_router(model_router)
 app.include_router(pages_router)
 
 

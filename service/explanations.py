@@ -34,6 +34,7 @@ from lantern.core.jobs import (
     image_name,
     is_explain_job_id,
     job_status,
+    layers_needed,
     parse_methods,
 )
 from lantern.core.settings import Settings
@@ -51,8 +52,12 @@ class ExplainOptions:
     activation_layer: str | None
 
 
-def parse_options(params: dict[str, str], n_images: int, class_names: list[str]) -> ExplainOptions:
-    """methods / targets / layer / activation_layer from query or form values, checked."""
+def parse_options(
+    params: dict[str, str], n_images: int, class_names: list[str], bundle: Bundle | None = None
+) -> ExplainOptions:
+    """methods / targets / layer / activation_layer from query or form values, checked;
+    with `bundle`, each layer the methods read must be one of its explainable layers
+    (a bundle that does not record them accepts any syntactically valid name)."""
     try:
         methods = parse_methods(params.get("methods", Method.GRADCAM.value))
     except ValueError as e:
@@ -75,6 +80,11 @@ def parse_options(params: dict[str, str], n_images: int, class_names: list[str])
             check_layer_name(name)
         except ValueError as e:
             raise UnprocessableInput(str(e)) from None
+    if bundle is not None:
+        for name in layers_needed(methods, layer, activation_layer):
+            problem = bundle.layer_problem(name)
+            if problem is not None:
+                raise UnprocessableInput(problem)
     return ExplainOptions(methods, targets, layer, activation_layer)
 
 

@@ -29,7 +29,9 @@ _OPTIONS_DOC = (
     "Parameters may also be sent as form fields. methods: comma-separated gradcam, "
     "gradcam_pp, saliency, activations. targets: one class index (or name) per image, "
     "comma-separated; an empty entry means the image's own top class. layer: the module "
-    "for Grad-CAM (default layer4); activation_layer: the module whose feature maps are shown."
+    "for Grad-CAM (default layer4); activation_layer: the module whose feature maps are shown. "
+    "Both must be convolutional feature maps of the model (GET /model lists them): any "
+    "other name is a 422 naming valid ones, before anything is queued."
 )
 
 
@@ -89,7 +91,9 @@ async def explain(
         "activation_layer": activation_layer,
     }
     params = {**form, **{k: v for k, v in query.items() if v is not None}}
-    options: ExplainOptions = parse_options(params, len(uploads), lantern.class_names)
+    options: ExplainOptions = parse_options(
+        params, len(uploads), lantern.class_names, lantern.bundle
+    )
     # The same checks as /predict, before anything is queued: a bad image is a 4xx now,
     # not a failed job later.
     await anyio.to_thread.run_sync(lambda: [lantern.decode(u) for u in uploads])

@@ -137,6 +137,11 @@ JOB_RESPONSES: dict[int | str, dict[str, Any]] = {
     ),
 }
 
+# GET /model (service.model_api) reads the bundle in memory: it answers 200 (or 401).
+MODEL_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "The model served: tag, classes, input size, explainable layers"},
+}
+
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
 ARTIFACT_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
@@ -237,7 +242,8 @@ _TAG_OF = {"/predict": "predictions", "/predict_batch": "predictions", "/explain
 DESCRIPTION = """\
 Image classification that shows its reasoning. `POST /predict` (one image) and
 `POST /predict_batch` (several) answer the most probable class, the top-k ranking and the
-model version, from the registered ONNX model. `POST /explain` queues an asynchronous
+model version, from the registered ONNX model; `GET /model` describes that model (classes,
+input size, the layers explanations can use). `POST /explain` queues an asynchronous
 explanation job (Grad-CAM, Grad-CAM++, saliency, activations) run by the workers; poll
 `GET /jobs/{job_id}` for progress and results, and fetch each artifact (PNG maps and
 overlays, raw `.npy` arrays) from `GET /jobs/{job_id}/{name}`.

@@ -35,3 +35,39 @@ def test_bundle_round_trips_through_the_model_store(tiny_bundle) -> None:  # typ
 def test_loading_an_unknown_model_says_how_to_make_one() -> None:
     with pytest.raises(ModelError, match="lantern train"):
         load_bundle("no-such-model:latest")
+
+
+def test_the_bundle_records_its_explainable_layers(tiny_bundle) -> None:  # type: ignore[no-untyped-def]
+    """Every module whose output is an (N, C, H, W) feature map, measured at export with
+    forward hooks at the model's input size; the head and the global pooling are not."""
+    layers = load_bundle(tiny_bundle.tag).explainable_layers
+    assert layers is not None
+    assert layers["conv1"] == [64, 32, 32] and layers["maxpool"] == [64, 16, 16]
+    assert layers["layer1"] == [64, 16, 16] and layers["layer2"] == [128, 8, 8]
+    assert layers["layer3"] == [256, 4, 4] and layers["layer4"] == [512, 2, 2]
+    assert layers["layer3.1.conv2"] == [256, 4, 4]
+    assert "fc" not in layers and "avgpool" not in layers and "" not in layers
+    assert list(layers)[:4] == ["conv1", "bn1", "relu", "maxpool"]  # forward order
+    assert tiny_bundle.layer_problem("layer3.1.conv2") is None
+    assert "no layer 'layer9'" in (tiny_bundle.layer_problem("layer9") or "")
+    for name in ("fc", "avgpool"):
+        problem = tiny_bundle.layer_problem(name) or ""
+        assert f"layer {name!r} is not a convolutional feature map" in problem
+        assert "'layer1', 'layer2', 'layer3', 'layer4'" in problem
+
+
+def test_a_bundle_without_recorded_layers_accepts_any_layer_name(tiny_bundle) -> None:  # type: ignore[no-untyped-def]
+    """Bundles exported before the layers were recorded: nothing is computed in their
+    place (the service has no torch); the worker is the one to find out."""
+    from dataclasses import replace
+
+    older = replace(
+        tiny_bundle,
+        meta={
+            k: v
+            for k, v in tiny_bundle.meta.items()
+            if k not in ("explainable_layers", "non_explainable_layers")
+        },
+    )
+    assert older.explainable_layers is None
+    assert older.layer_problem("layer9") is None and older.layer_problem("fc") is None

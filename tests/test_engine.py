@@ -161,6 +161,16 @@ def test_unknown_layer_is_a_readable_error(resnet: nn.Module, batch: torch.Tenso
     assert hooks_left(resnet) == 0
 
 
+@pytest.mark.parametrize("layer", ["fc", "avgpool"])
+def test_a_layer_that_is_no_feature_map_is_a_readable_error(
+    resnet: nn.Module, batch: torch.Tensor, layer: str
+) -> None:
+    """Whatever the bundle records: `fc` (N, classes) used to end in an IndexError."""
+    with pytest.raises(JobError, match=rf"layer '{layer}' is not a convolutional feature map"):
+        explain(resnet, batch[:1], methods("gradcam", "activations", layer=layer, act_layer=layer))
+    assert hooks_left(resnet) == 0
+
+
 def test_chunks_give_the_same_maps_as_one_batch(resnet: nn.Module, batch: torch.Tensor) -> None:
     targets = [1, None, 3, None]
     whole = explain(resnet, batch, methods(*ALL), targets)

@@ -78,8 +78,13 @@ def test_a_job_with_three_images_and_two_methods_finishes_with_a_matching_manife
         assert im["prediction"]["label"] in TINY_CLASSES
         assert set(im["files"]) == {"gradcam", "saliency"}
         assert set(im["urls"]) == {
-            f"{m}.{k}" for m in ("gradcam", "saliency") for k in ("heatmap", "overlay", "raw")
+            f"{m}.{k}"
+            for m in ("gradcam", "saliency")
+            for k in ("heatmap", "overlay", "raw", "upsampled")
         }
+    # the raw maps' native sizes, as the manifest says: layer4 of the 64-px model is 2 x 2
+    assert manifest["maps"]["gradcam"]["shape"] == [2, 2]
+    assert manifest["maps"]["saliency"]["shape"] == [TINY_SIZE, TINY_SIZE]
 
 
 def test_every_artifact_downloads_with_the_right_type_and_size(
@@ -90,11 +95,13 @@ def test_every_artifact_downloads_with_the_right_type_and_size(
         for key, url in im["urls"].items():
             response = httpx.get(stack.url + url, timeout=10)
             assert response.status_code == 200, (url, response.text)
-            kind = key.split(".", 1)[1]
-            if kind == "raw":
+            method, kind = key.split(".", 1)
+            if kind in ("raw", "upsampled"):
                 assert response.headers["content-type"] == "application/octet-stream"
                 raw = np.load(io.BytesIO(response.content))
-                assert raw.dtype == np.float16 and raw.shape == (TINY_SIZE, TINY_SIZE)
+                native = {"gradcam": (2, 2), "saliency": (TINY_SIZE, TINY_SIZE)}[method]
+                expected_shape = native if kind == "raw" else (TINY_SIZE, TINY_SIZE)
+                assert raw.dtype == np.float32 and raw.shape == expected_shape, key
                 continue
             assert response.headers["content-type"] == "image/png"
             with Image.open(io.BytesIO(response.content)) as png:
@@ -189,6 +196,63 @@ def test_bad_explain_requests_get_a_readable_4xx(
     response = httpx.post(f"{stack.url}/explain", params=params, files=sent, timeout=30)
     assert response.status_code == status, response.text
     assert needle in response.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("params", "needle"),
+    [
+        ({"layer": "layer9"}, "no layer 'layer9'"),
+        ({"layer": "fc"}, "layer 'fc' is not a convolutional feature map"),
+        ({"layer": "avgpool"}, "layer 'avgpool' is not a convolutional feature map"),
+        (
+            {"methods": "saliency,activations", "activation_layer": "fc"},
+            "layer 'fc' is not a convolutional feature map",
+        ),
+    ],
+)
+def test_a_layer_that_is_no_feature_map_is_refused_before_anything_is_queued(
+    stack: Stack,  # noqa: F811
+    params: dict[str, str],
+    needle: str,
+) -> None:
+    import redis
+
+    conn = redis.Redis.from_url(stack.redis.url)
+    jobs_before = set(conn.scan_iter("rq:job:*"))
+    response = httpx.post(f"{stack.url}/explain", params=params, files=_images()[:1], timeout=30)
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert needle in error
+    assert "'layer1', 'layer2', 'layer3', 'layer4'" in error and "GET /model" in error
+    assert set(conn.scan_iter("rq:job:*")) == jobs_before  # nothing was queued
+    conn.close()
+
+
+def test_saliency_alone_reads_no_layer_so_any_layer_name_is_beside_the_point(
+    stack: Stack,  # noqa: F811
+) -> None:
+    response = httpx.post(
+        f"{stack.url}/explain",
+        params={"methods": "saliency", "activation_layer": "fc"},
+        files=_images()[:1],
+        timeout=30,
+    )
+    assert response.status_code in (200, 202), response.text
+
+
+def test_the_model_route_describes_the_model_and_its_explainable_layers(
+    stack: Stack,  # noqa: F811
+    tiny_bundle: Any,
+) -> None:
+    response = httpx.get(f"{stack.url}/model", timeout=10)
+    assert response.status_code == 200, response.text
+    info = response.json()
+    assert info["tag"] == tiny_bundle.tag and info["version"] == tiny_bundle.version
+    assert info["architecture"] == "resnet18" and info["class_names"] == TINY_CLASSES
+    assert info["input_size"] == [TINY_SIZE, TINY_SIZE] and info["accuracy"] == 0.25
+    layers = {layer["name"]: layer["shape"] for layer in info["explainable_layers"]}
+    assert layers["layer4"] == [512, 2, 2] and layers["layer1"] == [64, 16, 16]
+    assert "fc" not in layers and "avgpool" not in layers
 
 
 def test_too_many_images_in_one_job_is_refused(stack: Stack) -> None:  # noqa: F811

@@ -97,3 +97,24 @@ def test_make_method_knows_every_contract_method() -> None:
     assert make_method("saliency", "layer4").layer is None
     with pytest.raises(ValueError, match="unknown method"):
         make_method("lime", "layer4")
+
+
+def test_the_contract_knows_which_methods_read_a_layer() -> None:
+    """lantern.core.jobs.LAYER_METHODS (what the API checks) agrees with the methods."""
+    from lantern.core.jobs import LAYER_METHODS, layers_needed
+    from workers.methods import METHODS
+
+    assert {m for m, cls in METHODS.items() if cls.needs_layer} == LAYER_METHODS
+    assert layers_needed(["saliency"], "fc", None) == []
+    assert layers_needed(["gradcam", "activations"], "layer4", None) == ["layer4"]
+    assert layers_needed(["gradcam_pp", "activations"], "layer4", "fc") == ["layer4", "fc"]
+    assert layers_needed(["saliency", "activations"], "layer4", "layer2") == ["layer2"]
+
+
+def test_every_method_states_its_definition_for_the_manifest() -> None:
+    from lantern.core.jobs import Method
+    from workers.methods import METHODS
+
+    for cls in METHODS.values():
+        assert len(cls.definition) > 40, cls
+    assert "after the ReLU, before any normalisation" in METHODS[Method.GRADCAM].definition

@@ -47,6 +47,7 @@ EXPECTED: dict[tuple[str, str], set[int]] = {
     # the artifact store is files, not Redis: no 503.
     ("get", "/jobs/{job_id}/{name}"): {200, InputError.status_code, NOT_FOUND, UNAUTHORIZED},
     ("get", "/status"): {200, UNAUTHORIZED},
+    ("get", "/model"): {200, UNAUTHORIZED},  # the bundle in memory: nothing else can fail
     ("get", "/metrics"): {200, UNAUTHORIZED},
     ("get", "/livez"): {200},
     ("get", "/readyz"): {200, 503},  # BentoML: 503 until __is_ready__ is true

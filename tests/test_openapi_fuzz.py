@@ -78,6 +78,7 @@ OPERATIONS = {
     "GET /jobs/{job_id}",
     "GET /jobs/{job_id}/{name}",
     "GET /status",
+    "GET /model",
     "GET /livez",
     "GET /readyz",
     "GET /metrics",

@@ -95,6 +95,14 @@ def test_the_page_predicts_and_explains_an_uploaded_image(
     )
     assert widths == sorted(widths, reverse=True) and widths[0] > widths[-1] > 0
 
+    # the layer select offers the model's stages (GET /model) with their feature-map sizes
+    page.wait_for_function(
+        "() => document.querySelector('#layer option[value=\"layer4\"]')"
+        ".textContent.includes('512×2×2')"
+    )
+    options = page.eval_on_selector_all("#layer option", "os => os.map(o => o.value)")
+    assert options == ["layer1", "layer2", "layer3", "layer4"]
+    assert page.eval_on_selector("#layer", "s => s.value") == "layer4"
     page.check('input[name="methods"][value="activations"]')
     page.select_option("#layer", "layer3")
     page.evaluate(
@@ -126,7 +134,8 @@ def test_the_page_predicts_and_explains_an_uploaded_image(
     assert "layer3" in page.inner_text("#results-summary")
     links = page.eval_on_selector_all("#download-list a", "links => links.map(a => a.href)")
     names = sorted(link.rsplit(".", 2)[-2] + "." + link.rsplit(".", 1)[-1] for link in links)
-    assert len(links) == 3 + 5  # gradcam: heatmap, overlay, raw; activations: + grid, channels
+    # gradcam: heatmap, overlay, raw, upsampled; activations: + grid, channels
+    assert len(links) == 4 + 6
     assert names.count("heatmap.png") == 2 and "grid.png" in names
     for link in links:
         assert httpx.get(link, timeout=10).status_code == 200, link

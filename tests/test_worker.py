@@ -222,6 +222,10 @@ def test_a_bad_request_fails_at_once_with_a_readable_reason(
         redis_conn, store, [("a", shape_png(2))], tiny_bundle.tag, ["gradcam"],
         layer="layer9", settings=settings,
     )  # fmt: skip
+    head, _ = find_or_enqueue(
+        redis_conn, store, [("b", shape_png(3))], tiny_bundle.tag, ["gradcam"],
+        layer="fc", settings=settings,
+    )  # fmt: skip
     ExplainWorker(redis_conn, settings).work(burst=True)  # would loop on retries if retried
 
     status = job_status(redis_conn, job_id, store, settings)
@@ -231,6 +235,13 @@ def test_a_bad_request_fails_at_once_with_a_readable_reason(
     assert status is not None and status["status"] == JobStatus.FAILED
     assert "no layer 'layer9'" in status["error"]
     assert redis_conn.hget(f"rq:job:{job_id}", "retries_left") == b"0"  # not retried
+    # `fc` used to end in an IndexError, retried twice
+    status = job_status(redis_conn, head, store, settings)
+    assert status is not None and status["status"] == JobStatus.FAILED
+    assert "layer 'fc' is not a convolutional feature map" in status["error"]
+    assert "'layer4'" in status["error"]
+    assert redis_conn.hget(f"rq:job:{bad_layer}", "retries_left") == b"0"
+    assert redis_conn.hget(f"rq:job:{head}", "retries_left") == b"0"
 
 
 def _start_long_job(

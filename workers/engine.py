@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lantern.core.errors import JobError
+from models.export import is_feature_map_module
 from workers.methods.base import ExplanationMethod, MethodResult, PassOutputs
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,12 @@ class LayerCapture:
         if missing:
             raise JobError(
                 f"the model has no layer {', '.join(map(repr, missing))}; "
+                f"convolutional stages include {', '.join(_layer_examples(model))}"
+            )
+        pooled = [n for n in names if not is_feature_map_module(modules[n])]
+        if pooled:
+            raise JobError(
+                f"layer {pooled[0]!r} is not a convolutional feature map (it pools globally); "
                 f"convolutional stages include {', '.join(_layer_examples(model))}"
             )
         self._modules = {n: modules[n] for n in names}
@@ -79,6 +86,11 @@ class LayerCapture:
         def keep(module: nn.Module, inputs: object, output: object) -> None:
             if not isinstance(output, torch.Tensor):
                 raise JobError(f"layer {name!r} does not output a single tensor")
+            if output.dim() != 4:
+                raise JobError(
+                    f"layer {name!r} is not a convolutional feature map: its output has "
+                    f"shape {tuple(output.shape)}, not (N, C, H, W)"
+                )
             self.outputs[name] = output
 
         return keep

@@ -7,9 +7,10 @@ write them to the worker's artifact store under the job id (workers.manifest), r
 progress in job.meta, and write manifest.json last. Everything it needs comes from the
 worker's context (workers.context).
 
-Errors a person can fix (a bad payload, an unreadable image, an unknown model, layer or
-class) fail the job at once with a readable reason and are not retried; anything else
-is retried while the job has retries left.
+Errors a person can fix (a bad payload, an unreadable image, an unknown model, a layer
+that does not exist or is no convolutional feature map, an unknown class) fail the job
+at once with a readable reason and are not retried; anything else is retried while the
+job has retries left.
 """
 
 from __future__ import annotations
@@ -84,6 +85,10 @@ def run_job(
     settings, store = context.settings, context.store
     check_image_count(len(request.images), settings)
     loaded = context.models.get(request.model)
+    for name in request.layers_needed:  # before any image is decoded
+        problem = loaded.bundle.layer_problem(name)
+        if problem is not None:
+            raise JobError(problem)
     originals = [
         decode_image(
             _image_bytes(im, job_id, store),

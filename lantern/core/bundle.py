@@ -4,7 +4,8 @@
         model.onnx         fp32 ONNX graph, dynamic batch axis ("input" -> "logits")
         model.fp16.onnx    optional fp16 variant for GPUs
         weights.pt         torch state_dict, for the explanation workers
-        meta.json          architecture, class names, preprocessing, training, metrics, parity
+        meta.json          architecture, class names, preprocessing, training, metrics, parity,
+                           explainable layers
 
 Torch-free: the service reads bundles through this module too.
 """
@@ -70,6 +71,50 @@ class Bundle:
     def accuracy(self) -> float | None:
         acc = self.meta.get("metrics", {}).get("accuracy")
         return None if acc is None else float(acc)
+
+    @property
+    def explainable_layers(self) -> dict[str, list[int]] | None:
+        """Layer name -> [C, H, W] of its output at the input size, for every module whose
+        output is a convolutional feature map (recorded by models.export), in forward order.
+
+        None for a bundle exported before Lantern recorded them: nothing is computed in
+        its place (the service has no torch), so any syntactically valid layer name is
+        accepted for such a bundle and the worker finds out whether it exists."""
+        layers = self.meta.get("explainable_layers")
+        if layers is None:
+            return None
+        return {str(layer["name"]): [int(d) for d in layer["shape"]] for layer in layers}
+
+    def layer_problem(self, name: str) -> str | None:
+        """Why `name` cannot be explained with this model, or None if it can (or if the
+        bundle does not record its layers)."""
+        layers = self.explainable_layers
+        if layers is None or name in layers:
+            return None
+        others = set(self.meta.get("non_explainable_layers") or ())
+        return f"{layer_not_explainable(name, layers, name in others)} ({self.tag})"
+
+    @property
+    def input_size(self) -> list[int]:
+        size = self.preprocess.crop_size
+        return [size, size]
+
+
+def layer_not_explainable(name: str, layers: dict[str, list[int]], exists: bool) -> str:
+    """The readable reason `name` is not one of `layers` (`exists`: it is a module of the
+    model, just not a feature map), naming valid ones: the top-level stages, and an
+    example of a module inside one."""
+    stages = [n for n in layers if "." not in n]
+    inner = next((n for n in reversed(layers) if "." in n), None)
+    if exists:
+        what = f"layer {name!r} is not a convolutional feature map (its output is not N, C, H, W)"
+    else:
+        what = f"the model has no layer {name!r}"
+    hint = f", or a module inside one such as {inner!r}" if inner else ""
+    return (
+        f"{what}; explainable layers are the convolutional stages "
+        f"{', '.join(map(repr, stages))}{hint} (GET /model lists all {len(layers)})"
+    )
 
 
 def save_bundle(

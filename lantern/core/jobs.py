@@ -61,6 +61,25 @@ class Method(StrEnum):
     ACTIVATIONS = "activations"
 
 
+# The methods that read a layer (all but saliency, which reads the input's gradient);
+# tests/test_methods.py checks this against each implementation's `needs_layer`.
+LAYER_METHODS = frozenset({Method.GRADCAM, Method.GRADCAM_PP, Method.ACTIVATIONS})
+
+
+def layers_needed(
+    methods: Sequence[Method | str], layer: str, activation_layer: str | None
+) -> list[str]:
+    """The layers a request's methods read: `layer` for Grad-CAM(++), `activation_layer`
+    (default `layer`) for activations; none for saliency alone."""
+    chosen = {Method(str(m)) for m in methods}
+    needed = []
+    if chosen & {Method.GRADCAM, Method.GRADCAM_PP}:
+        needed.append(layer)
+    if Method.ACTIVATIONS in chosen:
+        needed.append(activation_layer or layer)
+    return list(dict.fromkeys(needed))
+
+
 def parse_methods(text: str) -> list[Method]:
     """'gradcam, saliency' -> [Method.GRADCAM, Method.SALIENCY] (repeats dropped, order
     kept); ValueError naming the choices for an empty list or an unknown name."""
@@ -190,6 +209,10 @@ class ExplainRequest(BaseModel):
     @property
     def effective_activation_layer(self) -> str:
         return self.activation_layer or self.layer
+
+    @property
+    def layers_needed(self) -> list[str]:
+        return layers_needed(self.methods, self.layer, self.activation_layer)
 
 
 def parse_request(payload: Any) -> ExplainRequest:

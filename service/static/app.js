@@ -240,11 +240,45 @@
       el.predictStatus.textContent = "";
       showPrediction(body);
       el.explainSection.hidden = false;
+      loadLayers();
     } catch (e) {
       if (gen !== generation) return;
       el.predictionSection.hidden = true; // the banner says why
       showError(e.message);
     }
+  }
+
+  // The layer select offers the model's own convolutional stages (GET /model), each with
+  // the size of its feature map; the options in index.html stay if the model does not
+  // list its layers (an older bundle) or the route cannot be read.
+  let layersLoaded = false;
+  async function loadLayers() {
+    if (layersLoaded) return;
+    layersLoaded = true;
+    let info;
+    try {
+      info = (await api("model")).body;
+    } catch (e) {
+      return;
+    }
+    const layers = (info.explainable_layers || []).filter((l) => !l.name.includes("."));
+    const stages = layers.filter((l) => /^layer\d+$/.test(l.name));
+    const shown = stages.length ? stages : layers;
+    if (!shown.length) return;
+    const current = el.layer.value;
+    const last = shown[shown.length - 1].name;
+    el.layer.replaceChildren(
+      ...shown.map((l) => {
+        const option = document.createElement("option");
+        option.value = l.name;
+        let text = l.name + " · " + l.shape.join("×");
+        if (l.name === last) text += " (last stage: coarse, most semantic)";
+        else if (l.name === shown[0].name) text += " (first stage: fine, low-level)";
+        option.textContent = text;
+        return option;
+      })
+    );
+    el.layer.value = shown.some((l) => l.name === current) ? current : last;
   }
 
   function showPrediction(p) {
