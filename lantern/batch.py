@@ -2,8 +2,9 @@
 
 `explain_images(client, images, options)` (what `lantern explain` runs) sends the images
 in jobs of `options.batch_size`, keeps `options.parallel` jobs in flight, and for the
-image `cats/tom.jpg` writes `<out>/cats/tom/` holding every artifact of its job, named as
-the API names them (`<name>.gradcam.heatmap.png`, ...) and, last, `result.json`: the
+image `cats/tom.jpg` writes `<out>/cats/tom/` holding every artifact of its job, under
+the very names the API gives them (`tom.gradcam.heatmap.png`, `tom.gradcam.npy`, ...:
+the name the user sent, lantern.core.jobs.image_names) and, last, `result.json`: the
 prediction, the explained class and where the files came from. That file is the "done"
 marker: a re-run skips every image whose result.json matches the image's bytes and the
 requested methods and layers, so an interrupted run resumes without sending finished
@@ -19,6 +20,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
+
+from lantern.core.store import is_valid_file_name
 
 RESULT_FILE = "result.json"
 CSV_FILE = "predictions.csv"
@@ -201,7 +204,9 @@ class _Run:
             files = {}
             try:
                 for key, url in sorted(entry.get("urls", {}).items()):
-                    name = f"{key}{PurePosixPath(url).suffix or '.bin'}"
+                    name = PurePosixPath(url).name  # the API's own file name
+                    if not is_valid_file_name(name):
+                        raise _protocol_error(job.job_id, f"names a file {name!r}")
                     self.client.download(url, folder / name)
                     files[key] = name
             except RequestRejected as e:  # e.g. expired between the status and the download

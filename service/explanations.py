@@ -31,7 +31,7 @@ from lantern.core.jobs import (
     Method,
     check_layer_name,
     find_or_enqueue,
-    image_name,
+    image_names,
     is_explain_job_id,
     job_status,
     layers_needed,
@@ -128,7 +128,8 @@ class Explanations:
         self, images: list[tuple[str | None, bytes]], options: ExplainOptions
     ) -> tuple[dict[str, Any], bool]:
         """(status, created): a new job, or the identical one that exists already."""
-        named = [(image_name(filename, i), data) for i, (filename, data) in enumerate(images)]
+        names = image_names([filename for filename, _ in images])
+        named = list(zip(names, (data for _, data in images), strict=True))
         with _queue_errors():
             job_id, created = find_or_enqueue(
                 self.redis,

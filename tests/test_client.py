@@ -41,15 +41,18 @@ GOOD = {
 }
 BAD = "dogs/broken.png"
 METHODS = "gradcam,activations"
+# Saved under the API's own names: <name>.<method>.<kind>, <name> the file's stem.
 ARTIFACTS = (
-    "gradcam.heatmap.png",
-    "gradcam.overlay.png",
-    "gradcam.raw.npy",
-    "activations.heatmap.png",
-    "activations.overlay.png",
-    "activations.grid.png",
-    "activations.raw.npy",
-    "activations.channels.npy",
+    "{}.gradcam.heatmap.png",
+    "{}.gradcam.overlay.png",
+    "{}.gradcam.npy",
+    "{}.gradcam.upsampled.npy",
+    "{}.activations.heatmap.png",
+    "{}.activations.overlay.png",
+    "{}.activations.grid.png",
+    "{}.activations.npy",
+    "{}.activations.upsampled.npy",
+    "{}.activations.channels.npy",
 )
 
 
@@ -122,9 +125,11 @@ def test_explain_mirrors_the_input_tree_with_every_artifact(explained, photos: P
     result, out, _ = explained
     for rel, key in GOOD.items():
         folder = out / key
-        for name in ARTIFACTS:
+        stem = key.rsplit("/", 1)[-1]
+        names = [template.format(stem) for template in ARTIFACTS]
+        for name in names:
             assert (folder / name).is_file(), (folder / name, result.stderr)
-        for name in ARTIFACTS:
+        for name in names:
             if name.endswith(".png"):
                 with Image.open(folder / name) as im:
                     assert im.format == "PNG" and im.width > 0
@@ -134,7 +139,8 @@ def test_explain_mirrors_the_input_tree_with_every_artifact(explained, photos: P
         assert done["source"] == str(photos / rel)
         assert done["request"]["methods"] == ["activations", "gradcam"]
         assert done["prediction"]["label"] in TINY_CLASSES
-        assert done["files"]["gradcam.heatmap"] == "gradcam.heatmap.png"
+        assert done["files"]["gradcam.heatmap"] == f"{stem}.gradcam.heatmap.png"
+        assert done["files"]["gradcam.raw"] == f"{stem}.gradcam.npy"  # as the API names it
     assert not (out / "dogs/broken").exists()
     assert not (out / "cats/notes").exists()
 
@@ -210,19 +216,52 @@ def test_explain_rerun_resumes_without_resubmitting_finished_images(  # type: ig
     assert [r["status"] for r in rows].count("ok") == 5
 
 
-def test_explain_reports_a_failed_job(stack: Stack, photos: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_explain_reports_a_layer_the_service_refuses(
+    stack: Stack,  # noqa: F811
+    photos: Path,
+    tmp_path: Path,
+) -> None:
+    """A layer the model does not have used to be accepted and fail as a job; the service
+    now refuses it at the door (422), and the client reports that, image by image."""
     result = lantern(
         "explain", str(photos / "a.png"), "--url", stack.url, "--layer", "layer9",
         "--out", "maps", cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr
-    failed = [line for line in result.stderr.splitlines() if line.startswith("failed:")]
-    assert len(failed) == 1, result.stderr
-    assert "a.png" in failed[0] and "layer9" in failed[0], failed[0]
+    rejected = [line for line in result.stderr.splitlines() if line.startswith("rejected:")]
+    assert len(rejected) == 1, result.stderr
+    assert "a.png" in rejected[0] and "no layer 'layer9'" in rejected[0], rejected[0]
     row = read_csv(tmp_path / "maps/predictions.csv")[0]
-    assert row["status"] == "failed" and "layer9" in row["error"]
+    assert row["status"] == "rejected" and "layer9" in row["error"]
     assert not (tmp_path / "maps/a/result.json").exists()
+
+
+def test_explain_reports_a_failed_job(photos: Path, tmp_path: Path) -> None:
+    """A job that fails on the worker (nothing the API can check first: here a service
+    whose job answers "failed") is reported with the job's error, and nothing is saved."""
+    from lantern.batch import BatchOptions, explain_images
+    from lantern.client import InputImage
+
+    class FailingJobs:
+        def explain(self, images: list, **options: object) -> dict:
+            return {"job_id": "ex-" + "f" * 32, "status": "queued", "cached": False}
+
+        def job(self, job_id: str) -> dict:
+            error = "out of GPU memory even one image at a time"
+            return {"status": "failed", "error": error, "progress": {"done": 0, "total": 1}}
+
+        def download(self, url: str, path: Path) -> None:
+            raise AssertionError("a failed job has nothing to download")
+
+    out = tmp_path / "maps"
+    image = InputImage(photos / "a.png", "a")
+    options = BatchOptions(out=out, methods=["gradcam"], layer="layer4", progress=False)
+    assert explain_images(FailingJobs(), [image], options) == 1
+    row = read_csv(out / "predictions.csv")[0]
+    assert row["status"] == "failed" and "out of GPU memory" in row["error"]
+    assert "ex-" + "f" * 32 in row["error"]
+    assert not (out / "a/result.json").exists()
 
 
 @pytest.fixture(scope="module")

@@ -68,7 +68,9 @@ def test_a_job_with_three_images_and_two_methods_finishes_with_a_matching_manife
     assert manifest["methods"] == ["gradcam", "saliency"]
     assert manifest["class_names"] == TINY_CLASSES
     images = manifest["images"]
-    assert [im["name"] for im in images] == ["00-shape_0", "01-shape_1", "02-shape_2"]
+    # the names the user sent ("shape 0.png" -> "shape_0"): unique, so no index is added
+    assert [im["name"] for im in images] == ["shape_0", "shape_1", "shape_2"]
+    assert images[0]["files"]["gradcam"]["heatmap"] == "shape_0.gradcam.heatmap.png"
     assert [im["original_size"] for im in images] == [list(s) for s in SIZES]
     # requested targets are used; the empty entry falls back to the image's own top class
     assert images[0]["target"]["index"] == 1 and images[0]["target"]["requested"] is True

@@ -20,6 +20,7 @@ from lantern.core.jobs import (
     Method,
     find_or_enqueue,
     image_name,
+    image_names,
     is_explain_job_id,
     job_status,
     make_job_id,
@@ -99,6 +100,23 @@ def test_image_names_from_upload_file_names() -> None:
     assert image_name("../../etc/passwd", 3) == "03-passwd"
     assert image_name(None, 2) == "image-02"
     assert image_name("...", 1) == "image-01"
+
+
+def test_a_request_keeps_the_names_the_user_sent_and_indexes_only_to_disambiguate() -> None:
+    assert image_names(["cats/tom.jpg", "my cat.png", "dog.webp"]) == ["tom", "my_cat", "dog"]
+    # a repeated stem or an empty one gets its index; unique stems stay as sent
+    assert image_names(["a.png", "b.png", "a.jpg", None, "..."]) == [
+        "00-a", "b", "02-a", "image-03", "image-04",
+    ]  # fmt: skip
+    # an indexed name never takes a name another upload sent
+    assert image_names(["a.png", "00-a.png", "a.png"]) == ["00-a-2", "00-a", "02-a"]
+    names = image_names(["x.png"] * 3 + ["01-x.png", "image-04.png", ""])
+    assert len(set(names)) == len(names) == 6
+    for name in names:  # every name is one the job contract accepts
+        ExplainRequest.model_validate(
+            {"model": "m:v", "methods": ["gradcam"], "targets": [None],
+             "images": [{"name": name, "data_b64": ""}]}
+        )  # fmt: skip
 
 
 def stored_job_data(conn: Any, job_id: str) -> list[Any]:

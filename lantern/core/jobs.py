@@ -24,6 +24,7 @@ import contextlib
 import hashlib
 import json
 import re
+from collections import Counter
 from collections.abc import Sequence
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
@@ -257,11 +258,42 @@ def is_explain_job_id(job_id: str) -> bool:
     return isinstance(job_id, str) and EXPLAIN_JOB_ID_RE.fullmatch(job_id) is not None
 
 
-def image_name(filename: str | None, index: int) -> str:
-    """A valid, readable image name from an upload's file name ("my cat.jpg" -> "my_cat")."""
+def image_stem(filename: str | None) -> str:
+    """An upload's file name, sanitised to a valid image name ("my cat.jpg" -> "my_cat");
+    "" when nothing usable is left."""
     stem = (filename or "").rsplit("/", 1)[-1].rsplit("\\", 1)[-1].rsplit(".", 1)[0]
-    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", stem).strip("_-")[:48]
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", stem).strip("_-")[:48]
+
+
+def image_name(filename: str | None, index: int) -> str:
+    """The indexed name of upload `index` ("my cat.jpg", 0 -> "00-my_cat"; no usable
+    name -> "image-00"), for a name that is empty or not unique in its request."""
+    stem = image_stem(filename)
     return f"{index:02d}-{stem}" if stem else f"image-{index:02d}"
+
+
+def image_names(filenames: Sequence[str | None]) -> list[str]:
+    """The names a request's images go by, so results match the uploads by the name the
+    user sent: each upload's sanitised stem ("cats/tom.jpg" -> "tom") when no other
+    upload in the request has it; the index is added only to an empty or repeated stem
+    (two "a.png" -> "00-a", "01-a"), and a name is never given twice."""
+    stems = [image_stem(f) for f in filenames]
+    counts = Counter(stems)
+    unique = {stem for stem in stems if stem and counts[stem] == 1}
+    taken: set[str] = set(unique)
+    names = []
+    for index, (filename, stem) in enumerate(zip(filenames, stems, strict=True)):
+        if stem in unique:
+            names.append(stem)
+            continue
+        base = name = image_name(filename, index)
+        extra = 1
+        while name in taken:  # "00-a" was itself an upload's name
+            extra += 1
+            name = f"{base}-{extra}"
+        taken.add(name)
+        names.append(name)
+    return names
 
 
 # --- enqueue, find, status ---------------------------------------------------------------
