@@ -91,11 +91,12 @@ def test_the_worker_records_the_prediction_that_predict_answers_for_every_odd_fo
     for name, (data, _) in CORPUS.items():
         assert Image.open(io.BytesIO(data)).mode not in ("RGB",) or name == "exif.jpg", name
     manifest = _explained(stack)
-    recorded = {image["name"]: image["prediction"] for image in manifest["images"]}
-    for i, (name, (data, ctype)) in enumerate(CORPUS.items()):
+    assert len(manifest["images"]) == len(CORPUS)
+    for entry, (name, (data, ctype)) in zip(manifest["images"], CORPUS.items(), strict=True):
+        assert entry["name"].endswith(name.rsplit(".", 1)[0]), (entry["name"], name)
         answer = httpx.post(
             f"{stack.url}/predict", files={"image": (name, data, ctype)}, timeout=30
         ).json()
-        stored = recorded[f"{i:02d}-{name.rsplit('.', 1)[0]}"]
+        stored = entry["prediction"]
         assert stored["index"] == answer["class_index"], (name, stored, answer)
         assert abs(stored["probability"] - answer["probability"]) < 1e-3, (name, stored, answer)
