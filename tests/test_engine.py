@@ -276,8 +276,9 @@ def test_folding_batchnorm_keeps_float32_predictions_and_maps_as_a_user_sees_the
     resnet: nn.Module, batch: torch.Tensor
 ) -> None:
     """In float32, what the worker runs, predictions agree and every map stays the same
-    picture: relative L2 error under 2 % (0.2 % measured for saliency on an AMD EPYC, the
-    worst method; the others agree to 1e-6)."""
+    picture: relative L2 error under 2 % (measured on an Intel Xeon with AVX-512 and AMX:
+    0.18 % for saliency, the worst method, whose largest element-wise difference there is
+    0.6 % of its maximum; the other methods agree to 1e-6)."""
     import copy
 
     folded = fold_batchnorm(copy.deepcopy(resnet))
