@@ -17,12 +17,14 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from lantern.core.bundle import Bundle
+from lantern.core.bundle import Bundle, load_bundle
 from lantern.core.errors import (
     InputError,
     InvalidAddress,
     JobNotFound,
+    ModelError,
     QueueUnavailable,
+    UnknownModel,
     UnprocessableInput,
 )
 from lantern.core.jobs import (
@@ -44,20 +46,67 @@ CONTENT_TYPES = {".png": "image/png", ".npy": "application/octet-stream"}
 _INPUT_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
 
 
+# A model version ("<version>", "latest") or a whole tag ("<name>:<version>"), as
+# BentoML spells them (it lowercases what it is given).
+MODEL_RE = re.compile(r"(?:[A-Za-z0-9][A-Za-z0-9_.-]{0,62}:)?[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+_TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off", ""}
+
+
 @dataclass(frozen=True)
 class ExplainOptions:
     methods: list[Method]
     targets: list[int | None] | None
     layer: str
     activation_layer: str | None
+    model: str | None = None  # a concrete tag; None: the model the service serves
+    force: bool = False
+    faithfulness: bool = False
+
+
+def parse_flag(params: dict[str, str], name: str) -> bool:
+    """A boolean option sent as text: true/1/yes/on or false/0/no/off (or empty)."""
+    value = str(params.get(name, "")).strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise UnprocessableInput(f"{name} must be true or false, not {params[name][:40]!r}")
+
+
+def resolve_model(value: str | None, served: Bundle) -> Bundle:
+    """The bundle a request names: `served` when it names none, else a version of the
+    served model ("<version>" or "latest") or a whole tag ("<name>:<version>") in the
+    model store. 422 for something that is no tag, 404 for one the store lacks."""
+    value = (value or "").strip()
+    if not value:
+        return served
+    if not MODEL_RE.fullmatch(value):
+        raise UnprocessableInput(
+            f"model {value[:80]!r} is not a model version: give a version of "
+            f"{served.tag.split(':', 1)[0]!r} such as {served.version!r}, or a whole tag"
+        )
+    tag = value if ":" in value else f"{served.tag.split(':', 1)[0]}:{value}"
+    try:
+        return load_bundle(tag)
+    except ModelError:
+        raise UnknownModel(
+            f"the model store has no model {tag!r}; the service serves {served.tag} "
+            "(`lantern models list` shows every version)"
+        ) from None
+    except Exception as e:  # BentoML refusing the tag itself
+        raise UnprocessableInput(f"model {value[:80]!r} is not a valid model tag: {e}") from None
 
 
 def parse_options(
     params: dict[str, str], n_images: int, class_names: list[str], bundle: Bundle | None = None
 ) -> ExplainOptions:
-    """methods / targets / layer / activation_layer from query or form values, checked;
-    with `bundle`, each layer the methods read must be one of its explainable layers
-    (a bundle that does not record them accepts any syntactically valid name)."""
+    """methods / targets / layer / activation_layer / force / faithfulness from query or
+    form values, checked; with `bundle` (the model the request explains: targets are its
+    classes), each layer the methods read must be one of its explainable layers (a
+    bundle that does not record them accepts any syntactically valid name), and the
+    options name its tag."""
+    force = parse_flag(params, "force")
+    faithfulness = parse_flag(params, "faithfulness")
     try:
         methods = parse_methods(params.get("methods", Method.GRADCAM.value))
     except ValueError as e:
@@ -85,7 +134,10 @@ def parse_options(
             problem = bundle.layer_problem(name)
             if problem is not None:
                 raise UnprocessableInput(problem)
-    return ExplainOptions(methods, targets, layer, activation_layer)
+    model = bundle.tag if bundle is not None else None
+    return ExplainOptions(
+        methods, targets, layer, activation_layer, model, force=force, faithfulness=faithfulness
+    )
 
 
 def _target(entry: str, class_names: list[str]) -> int | None:
@@ -135,12 +187,15 @@ class Explanations:
                 self.redis,
                 self.store,
                 named,
-                self.bundle.tag,  # a concrete version, so ids tell versions apart
+                # a concrete version, so ids tell versions apart
+                options.model or self.bundle.tag,
                 options.methods,
                 options.targets,
                 options.layer,
                 options.activation_layer,
                 settings=self.settings,
+                faithfulness=options.faithfulness,
+                force=options.force,
             )
         if created:
             return {"job_id": job_id, "status": JobStatus.QUEUED}, True
@@ -163,6 +218,10 @@ class Explanations:
             for image in manifest.get("images", []):
                 image["urls"] = artifact_urls(job_id, image.get("files", {}))
         return {"job_id": job_id, **status}
+
+    def resolve_model(self, value: str | None) -> Bundle:
+        """The bundle a request's `model` names (resolve_model), the served one by default."""
+        return resolve_model(value, self.bundle)
 
     def artifact(self, job_id: str, name: str) -> tuple[bytes, str]:
         """(bytes, content type) of one stored file of a job."""

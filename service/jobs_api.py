@@ -1,7 +1,8 @@
 """HTTP routes for asynchronous explanations.
 
-POST /explain              images + methods/targets/layer -> 202 {job_id, status_url}
-                           (200 with the job's status when an identical job exists)
+POST /explain              images + methods/targets/layer/model/force/faithfulness
+                           -> 202 {job_id, status_url} (200 with the job's status when an
+                           identical job exists and force is not set)
 GET  /jobs/{id}            status, progress, readable error, manifest with artifact URLs
 GET  /jobs/{id}/{file}     one artifact (PNG or .npy)
 
@@ -31,8 +32,26 @@ _OPTIONS_DOC = (
     "comma-separated; an empty entry means the image's own top class. layer: the module "
     "for Grad-CAM (default layer4); activation_layer: the module whose feature maps are shown. "
     "Both must be convolutional feature maps of the model (GET /model lists them): any "
-    "other name is a 422 naming valid ones, before anything is queued."
+    "other name is a 422 naming valid ones, before anything is queued. "
+    "model: the model version to explain with (a version such as the `version` GET /model "
+    "reports, `latest`, or a whole tag `lantern-classifier:<version>`; default: the model "
+    "the service serves). A version the model store does not have is a 404. Targets and "
+    "layers are checked against that version, and the job id includes the concrete "
+    "version, so two versions explain the same images side by side as two jobs. "
+    "force: true recomputes a request identical to one that already finished (or "
+    "failed): the old job and its files are deleted and it is queued afresh under the "
+    "same id (202); one still queued or running is returned as it is. "
+    "faithfulness: true also scores every map with deletion and insertion curves "
+    "(Petsiuk et al. 2018, RISE): the model's probability for the target class as the "
+    "pixels the map ranks highest are removed (replaced with the image's mean colour) "
+    "or revealed, in 16 steps, against the same curves for a random pixel order (seeded); "
+    "the manifest gives, per image and method, `faithfulness` with deletion_auc, "
+    "insertion_auc, random_deletion_auc and random_insertion_auc. A deletion AUC below "
+    "random and an insertion AUC above it mean the map points at what the prediction "
+    "rests on. Part of the job id."
 )
+_OPTIONS = ("methods", "targets", "layer", "activation_layer", "model", "force", "faithfulness")
+_FLAGS = ("force", "faithfulness")
 
 
 @router.post(
@@ -55,8 +74,8 @@ _OPTIONS_DOC = (
                             },
                             # The same options as the query parameters, as text fields.
                             **{
-                                name: {"type": "string"}
-                                for name in ("methods", "targets", "layer", "activation_layer")
+                                name: {"type": "boolean" if name in _FLAGS else "string"}
+                                for name in _OPTIONS
                             },
                         },
                         "required": ["images"],
@@ -73,6 +92,11 @@ async def explain(
     targets: str | None = Query(None, description="comma-separated class per image"),
     layer: str | None = Query(None, description="Grad-CAM layer (default layer4)"),
     activation_layer: str | None = Query(None, description="layer shown by activations"),
+    model: str | None = Query(None, description="model version (default: the one served)"),
+    force: bool | None = Query(None, description="recompute an identical finished job"),
+    faithfulness: bool | None = Query(
+        None, description="score each map with deletion/insertion curves"
+    ),
 ) -> Response:
     settings = lantern.settings
     form: dict[str, str] = {}
@@ -89,11 +113,13 @@ async def explain(
         "targets": targets,
         "layer": layer,
         "activation_layer": activation_layer,
+        "model": model,
+        "force": None if force is None else str(force).lower(),
+        "faithfulness": None if faithfulness is None else str(faithfulness).lower(),
     }
     params = {**form, **{k: v for k, v in query.items() if v is not None}}
-    options: ExplainOptions = parse_options(
-        params, len(uploads), lantern.class_names, lantern.bundle
-    )
+    bundle = await anyio.to_thread.run_sync(lantern.explanations.resolve_model, params.get("model"))
+    options: ExplainOptions = parse_options(params, len(uploads), bundle.class_names, bundle)
     # The same checks as /predict, before anything is queued: a bad image is a 4xx now,
     # not a failed job later.
     await anyio.to_thread.run_sync(lambda: [lantern.decode(u) for u in uploads])

@@ -102,7 +102,8 @@ _JOB_STATUS = {
 
 EXPLAIN_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
-        "description": "An identical job exists already: its current status (`cached`: true)",
+        "description": "An identical job exists already (and `force` was not set, or it is "
+        "still queued or running): its current status (`cached`: true)",
         "content": {"application/json": {"schema": _JOB_ACCEPTED}},
     },
     202: {
@@ -114,7 +115,9 @@ EXPLAIN_RESPONSES: dict[int | str, dict[str, Any]] = {
             400: PREDICT_BATCH_RESPONSES[400]["description"],
             413: _UPLOAD_413 + "the pixel limit, or more images than LANTERN_MAX_IMAGES_PER_JOB",
             415: PREDICT_BATCH_RESPONSES[415]["description"],
-            422: _UPLOAD_422 + "colour mode, or bad methods, targets or layer names",
+            404: "The model store has no such `model` version",
+            422: _UPLOAD_422 + "colour mode, or bad methods, targets, layer names, "
+            "model tag, or a force / faithfulness that is not true or false",
             503: "The explanation queue (Redis) is unreachable; predictions still work. "
             "Retry after the `Retry-After` seconds",
         }

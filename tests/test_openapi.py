@@ -18,6 +18,7 @@ import pytest
 from lantern.core.errors import (
     InputError,
     PayloadTooLarge,
+    UnknownModel,
     UnprocessableInput,
     UnsupportedMediaType,
 )
@@ -40,8 +41,16 @@ UPLOAD_ERRORS = {
 EXPECTED: dict[tuple[str, str], set[int]] = {
     ("post", "/predict"): {200, UNAUTHORIZED, BAD_PARAMETER, OVERLOADED, *UPLOAD_ERRORS},
     ("post", "/predict_batch"): {200, UNAUTHORIZED, BAD_PARAMETER, OVERLOADED, *UPLOAD_ERRORS},
-    # 202 queued, 200 an identical job exists; parse_options raises UnprocessableInput.
-    ("post", "/explain"): {200, 202, UNAUTHORIZED, QUEUE_DOWN, *UPLOAD_ERRORS},
+    # 202 queued, 200 an identical job exists; parse_options raises UnprocessableInput,
+    # resolve_model UnknownModel for a version the store lacks.
+    ("post", "/explain"): {
+        200,
+        202,
+        UNAUTHORIZED,
+        QUEUE_DOWN,
+        UnknownModel.status_code,
+        *UPLOAD_ERRORS,
+    },
     # check_job_id_format raises InputError; no such job is JobNotFound.
     ("get", "/jobs/{job_id}"): {200, InputError.status_code, NOT_FOUND, QUEUE_DOWN, 401},
     # the artifact store is files, not Redis: no 503.
@@ -90,7 +99,15 @@ def test_explain_documents_its_options_as_form_fields_too(doc: dict[str, Any]) -
     operation = doc["paths"]["/explain"]["post"]
     form = operation["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]
     query = {p["name"] for p in operation["parameters"] if p["in"] == "query"}
-    assert query == {"methods", "targets", "layer", "activation_layer"}
+    assert query == {
+        "methods",
+        "targets",
+        "layer",
+        "activation_layer",
+        "model",
+        "force",
+        "faithfulness",
+    }
     assert set(form) == {"images"} | query
 
 

@@ -7,6 +7,7 @@
     │   └── ExportParityError     ONNX and PyTorch disagree beyond tolerance
     ├── InputError                a request the service must refuse (carries an HTTP status)
     │   ├── PayloadTooLarge       413: upload over the size or pixel limit
+    │   ├── UnknownModel          404: a model version the model store does not have
     │   └── UnsupportedMediaType  415: not an image type Lantern can read
     ├── JobError                  an explanation job that cannot be run
     │   ├── JobNotFound           404: no such job (never existed, or expired)
@@ -55,6 +56,12 @@ class PayloadTooLarge(InputError):
 
 class UnsupportedMediaType(InputError):
     status_code = 415
+
+
+class UnknownModel(InputError):
+    """A request named a model version the model store does not have."""
+
+    status_code = 404
 
 
 class JobError(LanternError):

@@ -8,8 +8,9 @@
                    never imports workers (nor torch)
     payload        ExplainRequest, one JSON object, the job's only argument
     job id         make_job_id(): "ex-" + 32 hex digits of a SHA-256 over the image bytes,
-                   the model version, the methods, the targets and the layers; an identical
-                   request names the same job, so find_or_enqueue() reuses a finished one
+                   the model version, the methods, the targets, the layers and whether
+                   faithfulness curves are wanted; an identical request names the same job,
+                   so find_or_enqueue() reuses a finished one (unless forced to recompute)
     progress       job.meta["progress"] = {"done": images done, "total": images}
     results        the artifact store (lantern.core.store) under the job id; manifest.json last
     status         job_status() -> JobStatus + progress + a readable error + the manifest
@@ -160,6 +161,11 @@ class ExplainRequest(BaseModel):
     activation_layer: str | None = Field(
         None, description="Layer whose feature maps 'activations' shows (default: layer)."
     )
+    faithfulness: bool = Field(
+        False,
+        description="Also score every map with deletion and insertion curves against a "
+        "random-order baseline (workers.faithfulness).",
+    )
     images: list[ExplainImage] = Field(min_length=1)
 
     @field_validator("version")
@@ -238,9 +244,11 @@ def make_job_id(
     targets: Sequence[int | None] | None,
     layer: str = DEFAULT_LAYER,
     activation_layer: str | None = None,
+    faithfulness: bool = False,
 ) -> str:
     """'ex-' + 32 hex digits: identical requests (same bytes, names, model version, methods
-    in any order, targets, layers) get the same id."""
+    in any order, targets, layers, faithfulness) get the same id. A request without
+    faithfulness keeps the id it had before the option existed."""
     key = {
         "v": PAYLOAD_VERSION,
         "model": model,
@@ -250,6 +258,8 @@ def make_job_id(
         "activation_layer": activation_layer or layer,
         "images": [[name, hashlib.sha256(data).hexdigest()] for name, data in images],
     }
+    if faithfulness:
+        key["faithfulness"] = True
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
     return JOB_ID_PREFIX + digest[:32]
 
@@ -330,6 +340,7 @@ def build_request(
     activation_layer: str | None,
     store: ArtifactStore,
     settings: Settings,
+    faithfulness: bool = False,
 ) -> ExplainRequest:
     """The payload; images over settings.inline_image_bytes are written to the store."""
     items: list[dict[str, Any]] = []
@@ -347,6 +358,7 @@ def build_request(
             "targets": list(targets) if targets is not None else [None] * len(images),
             "layer": layer,
             "activation_layer": activation_layer,
+            "faithfulness": faithfulness,
             "images": items,
         }
     )
@@ -391,25 +403,42 @@ def find_or_enqueue(
     activation_layer: str | None = None,
     *,
     settings: Settings,
+    faithfulness: bool = False,
+    force: bool = False,
 ) -> tuple[str, bool]:
     """(job id, whether a new job was enqueued).
 
     An identical request that is queued, running or finished is found instead of being
     computed again; one that failed, or whose job has expired from Redis without leaving
-    a manifest, is enqueued afresh. `model` should be a concrete version, not ':latest',
-    or the id cannot tell model versions apart.
+    a manifest, is enqueued afresh. With `force`, a finished one is recomputed too: its
+    job and its files (manifest first) are deleted and it is enqueued afresh under the
+    same id; one still queued or running is returned as it is, since it is being
+    computed now. `model` should be a concrete version, not ':latest', or the id cannot
+    tell model versions apart.
     """
     from rq.exceptions import DuplicateJobError
 
     check_image_count(len(images), settings)
-    job_id = make_job_id(images, model, methods, targets, layer, activation_layer)
+    job_id = make_job_id(images, model, methods, targets, layer, activation_layer, faithfulness)
     current = job_status(connection, job_id, store, settings)
-    if current is not None and current["status"] != JobStatus.FAILED:
+    done = (JobStatus.FAILED, JobStatus.FINISHED) if force else (JobStatus.FAILED,)
+    if current is not None and current["status"] not in done:
         return job_id, False
-    if current is not None:  # failed: clear the old attempt and run it again
+    if current is not None:  # failed (or forced): clear the old attempt and run it again
         _delete_job(connection, job_id, settings)
+        if current["status"] == JobStatus.FINISHED:
+            store.delete(job_id)
     request = build_request(
-        job_id, images, model, methods, targets, layer, activation_layer, store, settings
+        job_id,
+        images,
+        model,
+        methods,
+        targets,
+        layer,
+        activation_layer,
+        store,
+        settings,
+        faithfulness=faithfulness,
     )
     try:
         enqueue_explain(connection, request, job_id, settings)

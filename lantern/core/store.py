@@ -27,7 +27,7 @@ file name is one such component with dots (never two in a row), optionally under
 single fixed sub-directory `inputs/`.
 
 `ArtifactStore` is the interface the workers and the service use; an S3-compatible store
-would implement the same five methods with keys `<job_id>/<name>`.
+would implement the same six methods with keys `<job_id>/<name>`.
 """
 
 from __future__ import annotations
@@ -78,6 +78,7 @@ class ArtifactStore(Protocol):
     def exists(self, job_id: str, name: str) -> bool: ...
     def list_files(self, job_id: str) -> list[str]: ...
     def expire(self, max_age_seconds: float, now: float | None = None) -> list[str]: ...
+    def delete(self, job_id: str) -> None: ...
 
 
 class DirectoryStore:
@@ -126,6 +127,13 @@ class DirectoryStore:
             if p.is_file() and not p.name.startswith(".tmp-")
         ]
         return sorted(n for n in names if is_valid_file_name(n))
+
+    def delete(self, job_id: str) -> None:
+        """Delete every file of the job, the manifest first (so the job stops counting
+        as complete before anything else goes); nothing happens for an unknown job."""
+        job_dir = self.root / check_job_id(job_id)
+        (job_dir / MANIFEST).unlink(missing_ok=True)
+        shutil.rmtree(job_dir, ignore_errors=True)
 
     def expire(self, max_age_seconds: float, now: float | None = None) -> list[str]:
         """Delete job directories last written more than `max_age_seconds` ago."""
