@@ -223,3 +223,146 @@ def _old_job_id(images: list[tuple[str, bytes]], model: str, methods: list[str])
         "images": [[n, hashlib.sha256(d).hexdigest()] for n, d in images],
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+
+
+# --- faithfulness through the real worker ------------------------------------------------
+
+DETECTOR_IMAGES = (0, 1, 2, 3)  # one of each shape
+
+
+def detector_model() -> Any:
+    """ResNet-18 with hand-set weights that respond to the shape's pixels, and only them.
+
+    conv1 + bn1 + ReLU: channel 0 is how far the 2x2 mean of the pixel's red + green +
+    blue (in [0, 1] units, undoing the normalisation) exceeds 1.2; the shapes' colours
+    are 130..255 a channel, the backgrounds 0..90, so it is the shape's mask. Every
+    stage then carries channel 0 on: the first block of layers 2-4 averages it over 3x3
+    at stride 2 (its downsample branch is zeroed), every other block is the identity
+    (its last BatchNorm scaled to zero). The class-0 logit rises with the pooled map.
+    """
+    import torch
+
+    from lantern.core.preprocess import IMAGENET_MEAN, IMAGENET_STD
+    from models.network import build_model
+
+    model = build_model(TINY_ARCH, len(TINY_CLASSES), weights="none")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.zero_()
+                m.running_var.fill_(1.0)
+                m.weight.fill_(1.0)
+                m.bias.zero_()
+        for c in range(3):
+            model.conv1.weight[0, c, 3:5, 3:5] = IMAGENET_STD[c] / 4
+        model.bn1.bias[0] = sum(IMAGENET_MEAN) - 1.2
+        for name in ("layer1", "layer2", "layer3", "layer4"):
+            stage = getattr(model, name)
+            for block in stage:
+                if block.downsample is not None:
+                    block.conv1.weight[0, 0] = 1 / 9
+                    block.conv2.weight[0, 0, 1, 1] = 1.0
+                else:
+                    block.bn2.weight.zero_()
+        model.fc.weight[0, 0] = 120.0
+        model.fc.bias[0] = -2.0
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def detector_bundle(tiny_bundle: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    return register(detector_model(), tmp_path_factory.mktemp("detector"), 1.0)
+
+
+def _object_mass(saliency: Any, box: tuple[int, int, int, int]) -> float:
+    left, top, right, bottom = box
+    inside = saliency[top:bottom, left:right].sum()
+    return float(inside / saliency.sum())
+
+
+def test_faithfulness_scores_maps_that_point_at_the_object_above_random_and_inverted(
+    stack: Stack,  # noqa: F811
+    detector_bundle: Any,
+) -> None:
+    import io
+
+    import numpy as np
+    import torch
+
+    from models.data import draw_shape
+    from workers import faithfulness as fa
+    from workers.model_cache import ModelCache
+
+    files = [("images", (f"s{i}.png", shape_png(i), "image/png")) for i in DETECTOR_IMAGES]
+    params = {
+        "methods": "gradcam,saliency",
+        "targets": ",".join("0" for _ in DETECTOR_IMAGES),
+        "model": detector_bundle.version,
+        "faithfulness": "true",
+    }
+    response = httpx.post(f"{stack.url}/explain", params=params, files=files, timeout=30)
+    assert response.status_code == 202, response.text
+    job_id = response.json()["job_id"]
+    plain = httpx.post(
+        f"{stack.url}/explain", params={**params, "faithfulness": "false"}, files=files, timeout=30
+    )
+    assert plain.json()["job_id"] != job_id  # part of the job id
+    manifest = _finished(stack.url, job_id)["manifest"]
+    assert manifest["model"] == detector_bundle.tag
+    assert manifest["faithfulness"]["steps"] == 16
+    assert manifest["faithfulness"]["baseline"] == "mean"
+
+    loaded = ModelCache(torch.device("cpu")).get(detector_bundle.tag)
+    spec = loaded.spec
+    figures = []
+    for index, image in zip(DETECTOR_IMAGES, manifest["images"], strict=True):
+        sample = draw_shape(index)
+        x = torch.from_numpy(spec.apply_batch([sample.image]))[0]
+        for method in ("gradcam", "saliency"):
+            score = image["faithfulness"][method]
+            assert set(score) >= {
+                "deletion_auc",
+                "insertion_auc",
+                "random_deletion_auc",
+                "random_insertion_auc",
+                "steps",
+                "baseline",
+            }
+            url = image["urls"][f"{method}.upsampled"]
+            upsampled = np.load(io.BytesIO(httpx.get(stack.url + url, timeout=10).content))
+            # the map points at the object (64 px crop of a 64 px image: same pixels): its
+            # share inside the box is well above the box's share of the image (Grad-CAM's
+            # 2 x 2 layer4 map is coarse, saliency sits on the shape's own pixels)
+            left, top, right, bottom = sample.box
+            area = (right - left) * (bottom - top) / upsampled.size
+            mass = _object_mass(np.clip(upsampled, 0, None), sample.box)
+            assert mass > 1.5 * area, (index, method, mass, area)
+            # the inverted map, scored by the same code the worker runs
+            inverted = fa.score_maps(
+                loaded.model, x, {"inv": -torch.from_numpy(upsampled)}, 0, chunk_size=16
+            )["inv"]
+            assert score["deletion_auc"] < score["random_deletion_auc"], (index, method, score)
+            assert score["random_deletion_auc"] < inverted["deletion_auc"], (index, method)
+            assert score["insertion_auc"] > score["random_insertion_auc"], (index, method)
+            assert score["random_insertion_auc"] > inverted["insertion_auc"], (index, method)
+            figures.append(
+                (
+                    index,
+                    method,
+                    round(score["deletion_auc"], 3),
+                    round(score["random_deletion_auc"], 3),
+                    round(inverted["deletion_auc"], 3),
+                    round(score["insertion_auc"], 3),
+                    round(score["random_insertion_auc"], 3),
+                    round(inverted["insertion_auc"], 3),
+                    round(mass / area, 2),
+                )
+            )
+    print(
+        "image, method, deletion AUC map/random/inverted, insertion AUC map/random/inverted, "
+        "map mass in the box / box area"
+    )
+    for row in figures:
+        print(*row)

@@ -143,6 +143,25 @@ def test_the_page_predicts_and_explains_an_uploaded_image(
     assert page.errors == []
 
 
+def test_the_trust_score_is_shown_beside_each_heatmap_with_how_to_read_it(page: Any) -> None:
+    page.set_input_files("#file-input", files=[shape_file(1)])
+    page.wait_for_selector("#bars li")
+    page.check('input[name="methods"][value="saliency"]')
+    page.check("#faithfulness")
+    page.click("#explain-button")
+    page.wait_for_selector("#results-section:not([hidden])")
+    for method in ("gradcam", "saliency"):
+        text = page.inner_text(f'.result[data-method="{method}"] .faithfulness')
+        assert "deletion AUC" in text and "insertion AUC" in text and "(random " in text
+        assert "16 steps" in text and "mean colour" in text
+        assert (
+            "lower deletion AUC than random means removing what the map points at destroys "
+            "the prediction faster than removing random pixels" in text
+        )
+    assert page.locator("#error").is_hidden()
+    assert page.errors == []
+
+
 def test_a_file_that_is_not_an_image_shows_the_servers_message(page: Any) -> None:
     page.set_input_files(
         "#file-input",

@@ -3,9 +3,10 @@
 A job: validate the payload (lantern.core.jobs.ExplainRequest), take the model version it
 names from the worker's model cache, decode the images with the one decoder the API uses
 too (lantern.core.images), run the engine chunk by chunk, render each image's maps and
-write them to the worker's artifact store under the job id (workers.manifest), report
-progress in job.meta, and write manifest.json last. Everything it needs comes from the
-worker's context (workers.context).
+write them to the worker's artifact store under the job id (workers.manifest), score each
+map with deletion and insertion curves when the request asks for faithfulness
+(workers.faithfulness), report progress in job.meta, and write manifest.json last.
+Everything it needs comes from the worker's context (workers.context).
 
 Errors a person can fix (a bad payload, an unreadable image, an unknown model, a layer
 that does not exist or is no convolutional feature map, an unknown class) fail the job
@@ -32,6 +33,7 @@ from lantern.core.jobs import (
 )
 from lantern.core.redis_retry import retry_redis
 from lantern.core.store import ArtifactStore, write_manifest
+from workers import faithfulness
 from workers.context import WorkerContext, current_context
 from workers.engine import explain_in_chunks, normalise
 from workers.manifest import build_manifest, describe_maps, render_image
@@ -116,14 +118,25 @@ def run_job(
             maps[method.name] = (upsampled, normalise(upsampled, method.display_quantile))
         for i in range(start, end):
             original: Image.Image = originals[i]
-            entries.append(
-                render_image(store, job_id, request, loaded, original, i, ex, i - start, maps)
-            )
+            entry = render_image(store, job_id, request, loaded, original, i, ex, i - start, maps)
+            if request.faithfulness:
+                entry["faithfulness"] = faithfulness.score_maps(
+                    loaded.model,
+                    batch[i],
+                    {m.value: maps[m.value][0][i - start] for m in request.methods},
+                    int(ex.targets[i - start]),
+                    chunk_size=settings.explain_chunk_size,
+                    device=loaded.device,
+                )
+            entries.append(entry)
         _progress(job, context, end, n)
 
     input_size = [loaded.spec.crop_size, loaded.spec.crop_size]
     described = describe_maps(methods, shapes, input_size)
-    write_manifest(store, job_id, build_manifest(job_id, request, loaded, entries, described))
+    manifest = build_manifest(job_id, request, loaded, entries, described)
+    if request.faithfulness:
+        manifest["faithfulness"] = faithfulness.describe()
+    write_manifest(store, job_id, manifest)
     return {"manifest": "manifest.json", "images": n, "model": loaded.bundle.tag}
 
 

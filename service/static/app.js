@@ -50,6 +50,7 @@
     explainForm: $("explain-form"),
     explainButton: $("explain-button"),
     layer: $("layer"),
+    faithfulness: $("faithfulness"),
     target: $("target"),
     job: $("job"),
     jobProgress: $("job-progress"),
@@ -325,10 +326,10 @@
       return;
     }
     generation += 1;
-    explain(currentFile, methods, el.layer.value, el.target.value, generation);
+    explain(currentFile, methods, el.layer.value, el.target.value, generation, el.faithfulness.checked);
   });
 
-  async function explain(file, methods, layer, target, gen) {
+  async function explain(file, methods, layer, target, gen, faithfulness) {
     clearError();
     resetResults();
     el.explainButton.disabled = true;
@@ -338,6 +339,7 @@
     form.append("methods", methods.join(","));
     form.append("layer", layer);
     if (target !== "") form.append("targets", target);
+    if (faithfulness) form.append("faithfulness", "true");
     try {
       const { body } = await api("explain", { method: "POST", body: form });
       if (gen !== generation) return;
@@ -431,6 +433,8 @@
           }
         });
         row.append(heading, grid);
+        const score = (image.faithfulness || {})[method];
+        if (score) row.append(trustScore(score));
         return row;
       })
     );
@@ -463,6 +467,22 @@
         })
     );
     el.resultsSection.hidden = false;
+  }
+
+  // Deletion / insertion AUCs of one map beside the random-order baseline, and how to read them.
+  function trustScore(score) {
+    const box = document.createElement("p");
+    box.className = "faithfulness small";
+    const fmt = (v) => v.toFixed(3);
+    const better = score.deletion_auc < score.random_deletion_auc && score.insertion_auc > score.random_insertion_auc;
+    box.textContent =
+      "Trust score: deletion AUC " + fmt(score.deletion_auc) + " (random " + fmt(score.random_deletion_auc) +
+      "), insertion AUC " + fmt(score.insertion_auc) + " (random " + fmt(score.random_insertion_auc) + "); " +
+      score.steps + " steps, removed pixels take the image's " + (score.baseline === "mean" ? "mean colour" : score.baseline + " baseline") +
+      ". " + (better ? "This map beats random pixels on both curves. " : "This map does not beat random pixels on both curves. ") +
+      "How to read it: a lower deletion AUC than random means removing what the map points at destroys the " +
+      "prediction faster than removing random pixels; a higher insertion AUC than random means revealing it restores the prediction sooner.";
+    return box;
   }
 
   function figure(src, caption, alt) {
