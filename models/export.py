@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from lantern.core.bundle import Bundle, save_bundle
-from lantern.core.errors import ExportParityError, ModelError
+from lantern.core.errors import DataError, ExportParityError, ModelError
 from lantern.core.preprocess import PreprocessSpec
+from models import quantize
 from models.network import build_model
 
 log = logging.getLogger(__name__)
@@ -130,10 +131,21 @@ def export_checkpoint(
     checkpoint: Path,
     *,
     fp16: bool = False,
+    int8: bool = False,
+    calibration_data: Path | None = None,
+    calibration_images: int = quantize.CALIBRATION_IMAGES,
+    holdout_images: int = quantize.HOLDOUT_IMAGES,
+    int8_min_agreement: float = quantize.MIN_AGREEMENT,
+    int8_max_accuracy_drop: float = quantize.MAX_ACCURACY_DROP,
     tolerance: float = PARITY_TOLERANCE,
     name: str = "lantern-classifier",
 ) -> Bundle:
-    """Checkpoint -> ONNX (+ parity check) -> a new bundle version in the model store."""
+    """Checkpoint -> ONNX (+ parity check) -> a new bundle version in the model store.
+
+    With `int8`, also a statically quantised INT8 graph calibrated on the training data
+    (models.quantize); it is registered only if it passes the agreement/accuracy gate, and
+    its figures (or why it was skipped or refused) are recorded as meta["int8"].
+    """
     ckpt = load_checkpoint(checkpoint)
     spec = PreprocessSpec.from_dict(ckpt["preprocessing"])
     model = build_model(
@@ -166,6 +178,21 @@ def export_checkpoint(
             export_info["fp16"] = True
             export_info["fp16_parity_max_abs_diff"] = _fp16_diff(model, fp16_path, spec)
 
+        int8_result = None
+        if int8:
+            int8_result = _int8(
+                onnx_path,
+                tmpdir / "model.int8.onnx",
+                ckpt,
+                spec,
+                calibration_data=calibration_data,
+                calibration_images=calibration_images,
+                holdout_images=holdout_images,
+                min_agreement=int8_min_agreement,
+                max_accuracy_drop=int8_max_accuracy_drop,
+            )
+            export_info["int8"] = int8_result.meta["status"]
+
         weights_path = tmpdir / "weights.pt"
         torch.save(ckpt["model"], weights_path)
         layers = explainable_layers(model, spec.crop_size)
@@ -183,7 +210,50 @@ def export_checkpoint(
             ],
             "source_checkpoint": str(checkpoint.resolve()),
         }
-        return save_bundle(onnx_path, weights_path, meta, onnx_fp16_path=fp16_path, name=name)
+        if int8_result is not None:
+            meta["int8"] = int8_result.meta
+        return save_bundle(
+            onnx_path,
+            weights_path,
+            meta,
+            onnx_fp16_path=fp16_path,
+            onnx_int8_path=int8_result.path if int8_result else None,
+            name=name,
+        )
+
+
+def _int8(
+    onnx_path: Path,
+    out_path: Path,
+    ckpt: dict[str, Any],
+    spec: PreprocessSpec,
+    *,
+    calibration_data: Path | None,
+    calibration_images: int,
+    holdout_images: int,
+    min_agreement: float,
+    max_accuracy_drop: float,
+) -> quantize.Int8Result:
+    """The INT8 graph with its gate, or a "skipped" record when there is no data for it."""
+    try:
+        calibration, holdout = quantize.calibration_sets(
+            ckpt.get("training", {}),
+            list(ckpt["class_names"]),
+            spec,
+            calibration_data=calibration_data,
+            calibration_images=calibration_images,
+            holdout_images=holdout_images,
+        )
+    except DataError as e:
+        return quantize.skipped(f"no calibration data ({e})")
+    return quantize.build_int8(
+        onnx_path,
+        out_path,
+        calibration,
+        holdout,
+        min_agreement=min_agreement,
+        max_accuracy_drop=max_accuracy_drop,
+    )
 
 
 def _opset(onnx_path: Path) -> int:

@@ -77,4 +77,4 @@ def make_first_model(data_dir: Path = Path("data"), out_dir: Path = Path("runs")
             BANNER,
         )
         summary = main(demo_config(out_dir))
-    return export_checkpoint(Path(summary["best_checkpoint"]))
+    return export_checkpoint(Path(summary["best_checkpoint"]), int8=True)

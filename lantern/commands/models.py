@@ -24,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.action == "ensure":
         return _ensure(args.name)
-    from lantern.core.bundle import list_bundles
+    from lantern.core.bundle import describe_int8, list_bundles
 
     bundles = list_bundles(args.name)
     if args.json:
@@ -36,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
                 "accuracy": b.accuracy,
                 "created_at": b.meta.get("created_at"),
                 "training": b.meta.get("training", {}),
+                "int8": b.int8,
             }
             for b in bundles
         ]
@@ -45,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"no {args.name} models registered; run `lantern train` then `lantern export`")
         return 0
     header = (
-        f"{'TAG':<42} {'ARCH':<9} {'CLASSES':>7} {'ACCURACY':>8} {'MODE':<6} {'DATA':<10} CREATED"
+        f"{'TAG':<42} {'ARCH':<9} {'CLASSES':>7} {'ACCURACY':>8} {'MODE':<6} {'DATA':<10} "
+        f"{'CREATED':<19} INT8"
     )
     print(header)
     for b in bundles:
@@ -54,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"{b.tag:<42} {b.architecture:<9} {len(b.class_names):>7} {acc:>8} "
             f"{training.get('mode', '?'):<6} {training.get('dataset', '?'):<10} "
-            f"{str(b.meta.get('created_at', ''))[:19]}"
+            f"{str(b.meta.get('created_at', ''))[:19]:<19} {describe_int8(b.int8)}"
         )
     return 0
 

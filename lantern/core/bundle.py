@@ -3,6 +3,9 @@
     <model store>/lantern-classifier/<version>/
         model.onnx         fp32 ONNX graph, dynamic batch axis ("input" -> "logits")
         model.fp16.onnx    optional fp16 variant for GPUs
+        model.int8.onnx    optional statically quantised INT8 variant for CPUs, present only
+                           when it passed its gate against fp32 (meta.json "int8" has the
+                           figures, also when it was refused or skipped)
         weights.pt         torch state_dict, for the explanation workers
         meta.json          architecture, class names, preprocessing, training, metrics, parity,
                            explainable layers
@@ -26,6 +29,7 @@ from lantern.core.preprocess import PreprocessSpec
 MODEL_NAME = "lantern-classifier"
 ONNX_FILE = "model.onnx"
 ONNX_FP16_FILE = "model.fp16.onnx"
+ONNX_INT8_FILE = "model.int8.onnx"
 WEIGHTS_FILE = "weights.pt"
 META_FILE = "meta.json"
 
@@ -64,6 +68,19 @@ class Bundle:
         return p if p.exists() else None
 
     @property
+    def onnx_int8_path(self) -> Path | None:
+        """The INT8 graph, only if it passed its gate at export (meta["int8"])."""
+        p = self.path / ONNX_INT8_FILE
+        passed = (self.meta.get("int8") or {}).get("status") == "passed"
+        return p if passed and p.exists() else None
+
+    @property
+    def int8(self) -> dict[str, Any] | None:
+        """The INT8 record of the export: status (passed, refused, skipped) and figures."""
+        record = self.meta.get("int8")
+        return dict(record) if record else None
+
+    @property
     def weights_path(self) -> Path:
         return self.path / WEIGHTS_FILE
 
@@ -100,6 +117,18 @@ class Bundle:
         return [size, size]
 
 
+def describe_int8(record: dict[str, Any] | None, missing: str = "-") -> str:
+    """The INT8 record in one line: "99.6% agree", "refused: 97.1% agree",
+    "skipped: <why>", or `missing` for a bundle exported without one."""
+    if not record:
+        return missing
+    status = record.get("status")
+    if status == "skipped":
+        return "skipped: " + str(record.get("reason", "no calibration data"))
+    text = f"{float(record['agreement']):.1f}% agree"
+    return text if status == "passed" else f"refused: {text}"
+
+
 def layer_not_explainable(name: str, layers: dict[str, list[int]], exists: bool) -> str:
     """The readable reason `name` is not one of `layers` (`exists`: it is a module of the
     model, just not a feature map), naming valid ones: the top-level stages, and an
@@ -123,6 +152,7 @@ def save_bundle(
     meta: dict[str, Any],
     *,
     onnx_fp16_path: Path | None = None,
+    onnx_int8_path: Path | None = None,
     name: str = MODEL_NAME,
 ) -> Bundle:
     """Copy the files into a new version of `name` in the BentoML model store."""
@@ -145,6 +175,8 @@ def save_bundle(
         shutil.copyfile(weights_path, target / WEIGHTS_FILE)
         if onnx_fp16_path is not None:
             shutil.copyfile(onnx_fp16_path, target / ONNX_FP16_FILE)
+        if onnx_int8_path is not None:
+            shutil.copyfile(onnx_int8_path, target / ONNX_INT8_FILE)
         (target / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
         tag = str(model.tag)
     return load_bundle(tag)
