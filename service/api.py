@@ -9,7 +9,7 @@ app owns request parsing, so every bad upload gets a 4xx with a JSON body
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -38,10 +38,15 @@ class ClassScore(BaseModel):
 
 
 class Prediction(ClassScore):
-    """The most probable class, then the top-k ranking and the model version that answered."""
+    """The most probable class, then the top-k ranking, the model version that answered and
+    the precision of the graph it ran."""
 
     top_k: list[ClassScore] = Field(description="The k most probable classes, best first.")
     model_version: str = Field(description="Version of the model that answered.")
+    precision: Literal["fp32", "int8", "fp16"] = Field(
+        description="Which graph of that model version answered: fp32, int8 (statically "
+        "quantised, checked against fp32 at export) or fp16 (LANTERN_PRECISION)."
+    )
 
 
 class BatchPrediction(BaseModel):

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from lantern.core.bundle import Bundle, describe_int8
 from lantern.core.errors import ModelError, UsageError
 
 log = logging.getLogger("lantern.service.classifier")
@@ -22,6 +23,7 @@ log = logging.getLogger("lantern.service.classifier")
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 PROVIDER_CHOICES = ("auto", "cpu", "cuda")
+PRECISION_CHOICES = ("auto", "fp32", "int8", "fp16")
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,60 @@ def create_session(
         options.intra_op_num_threads,
     )
     return session
+
+
+def graph_path(bundle: Bundle, precision: str) -> Path:
+    """The bundle's graph for an explicit precision (fp32, int8, fp16).
+
+    Raises ModelError, saying why and what to do, when the bundle has no such graph."""
+    if precision == "fp32":
+        return bundle.onnx_path
+    if precision == "int8":
+        if bundle.onnx_int8_path is not None:
+            return bundle.onnx_int8_path
+        raise ModelError(
+            f"LANTERN_PRECISION=int8 but model {bundle.tag} has no INT8 graph "
+            f"({describe_int8(bundle.int8, missing='not built at export')}); re-export it with "
+            "`lantern export` (INT8 is on by default), or set LANTERN_PRECISION to auto or fp32"
+        )
+    if precision == "fp16":
+        if bundle.onnx_fp16_path is not None:
+            return bundle.onnx_fp16_path
+        raise ModelError(
+            f"LANTERN_PRECISION=fp16 but model {bundle.tag} has no fp16 graph; re-export it "
+            "with `lantern export --fp16`, or set LANTERN_PRECISION to auto or fp32"
+        )
+    raise UsageError(
+        f"precision must be one of {', '.join(PRECISION_CHOICES)}, not {precision!r}"
+    )
+
+
+def open_model(
+    bundle: Bundle, *, precision: str = "auto", provider: str = "auto", threads: int = 0
+) -> tuple[ort.InferenceSession, str]:
+    """(session, precision it runs) for the fastest graph of `bundle` that is allowed.
+
+    auto: fp16 when the bundle has an fp16 graph and the session really gets CUDA; else
+    INT8 when the bundle has one that passed its gate and the session runs on the CPU (a
+    quantised graph is a CPU optimisation); else fp32. An explicit precision the bundle
+    cannot satisfy raises ModelError before anything is loaded.
+    """
+    if precision != "auto":
+        path = graph_path(bundle, precision)
+        session = create_session(path, provider=provider, threads=threads)
+        return session, precision
+    wants_cuda = provider == "cuda" or (
+        provider == "auto" and CUDA in ort.get_available_providers()
+    )
+    if wants_cuda and bundle.onnx_fp16_path is not None:
+        session = create_session(bundle.onnx_fp16_path, provider=provider, threads=threads)
+        if session.get_providers()[0] == CUDA:
+            return session, "fp16"
+    if bundle.onnx_int8_path is not None:
+        session = create_session(bundle.onnx_int8_path, provider=provider, threads=threads)
+        if session.get_providers()[0] == CPU:
+            return session, "int8"
+    return create_session(bundle.onnx_path, provider=provider, threads=threads), "fp32"
 
 
 def session_options(threads: int = 0) -> ort.SessionOptions:

@@ -16,19 +16,21 @@ QUEUE_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5
 _metrics: dict[str, Any] = {}
 
 
-def record_model_info(bundle: Bundle) -> None:
-    """Expose the served model version on /metrics as lantern_model_info{model,version} 1."""
+def record_model_info(bundle: Bundle, precision: str = "fp32") -> None:
+    """Expose the served model version on /metrics as
+    lantern_model_info{model,version,architecture,precision} 1 (precision: the graph that
+    answers, fp32, int8 or fp16)."""
     import prometheus_client
 
     if "model_info" not in _metrics:
         _metrics["model_info"] = prometheus_client.Gauge(
             "lantern_model_info",
             "The model version this Lantern API process serves (value is always 1).",
-            labelnames=["model", "version", "architecture"],
+            labelnames=["model", "version", "architecture", "precision"],
             multiprocess_mode="max",
         )
     name = bundle.tag.split(":", 1)[0]
-    _metrics["model_info"].labels(name, bundle.version, bundle.architecture).set(1)
+    _metrics["model_info"].labels(name, bundle.version, bundle.architecture, precision).set(1)
 
 
 def record_batch(images: int, queue_waits_s: list[float]) -> None:

@@ -23,7 +23,7 @@ import bentoml
 import numpy as np
 from PIL import Image
 
-from lantern.core.bundle import Bundle, load_bundle
+from lantern.core.bundle import Bundle, describe_int8, load_bundle
 from lantern.core.images import decode_image
 from lantern.core.settings import Settings, get_settings
 from service import classifier
@@ -67,15 +67,25 @@ class Lantern:
         # Decoding is CPU-bound: more threads than cores only hold more decoded images
         # (and glibc arenas) in memory at once, not finish sooner.
         self.decode_limiter = anyio.CapacityLimiter(decode_threads())
-        self.session = classifier.create_session(
-            self.bundle.onnx_path,
+        # The fastest graph the bundle and LANTERN_PRECISION allow (INT8 on a CPU when the
+        # bundle has one that passed its gate at export; BENCHMARKS.md "INT8").
+        self.session, self.precision = classifier.open_model(
+            self.bundle,
+            precision=self.settings.precision,
             provider=self.settings.ort_provider,
             threads=self.settings.ort_threads,
         )
         self.provider: str = self.session.get_providers()[0]
         size = self.spec.crop_size
         self.probabilities(np.zeros((1, 3, size, size), np.float32))  # warm-up
-        log.info("model %s loaded on %s", self.bundle.tag, self.provider)
+        log.info(
+            "model %s loaded on %s, precision %s (LANTERN_PRECISION=%s; INT8 graph: %s)",
+            self.bundle.tag,
+            self.provider,
+            self.precision,
+            self.settings.precision,
+            describe_int8(self.bundle.int8),
+        )
         self.batcher = MicroBatcher(
             self.probabilities,
             max_batch_size=self.settings.max_batch_size,
@@ -84,7 +94,7 @@ class Lantern:
         )
         self.explanations = Explanations(self.settings, self.bundle)
         self.explain_probe = ExplainProbe(self.settings)
-        record_model_info(self.bundle)
+        record_model_info(self.bundle, self.precision)
         app.state.lantern = self  # what the routes' `CurrentService` dependency hands them
 
     async def __is_ready__(self) -> bool:
@@ -128,7 +138,12 @@ class Lantern:
             {"label": self.class_names[i], "class_index": i, "probability": p}
             for i, p in zip(top.class_indices, top.probabilities, strict=True)
         ]
-        return {**ranked[0], "top_k": ranked, "model_version": self.bundle.version}
+        return {
+            **ranked[0],
+            "top_k": ranked,
+            "model_version": self.bundle.version,
+            "precision": self.precision,
+        }
 
 
 # Request metrics by route template, not raw path; API keys in front of every route,

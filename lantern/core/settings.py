@@ -93,6 +93,12 @@ class Settings(BaseSettings):
     ort_provider: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="ONNX Runtime execution provider: auto, cpu or cuda."
     )
+    precision: Literal["auto", "fp32", "int8", "fp16"] = Field(
+        "auto",
+        description="Which graph of the model the service runs: auto (INT8 on the CPU when "
+        "the bundle has one that passed its gate, fp16 on CUDA when it has an fp16 graph, "
+        "else fp32), or fp32, int8, fp16 (the service refuses to start if the bundle lacks it).",
+    )
     api_keys: SecretStr = Field(
         SecretStr(""),
         description="API keys, comma-separated (empty: no authentication). When set, every "
