@@ -1,0 +1,229 @@
+"""The INT8 graph: built at export from the model's own training data, checked against fp32
+on held-out images and refused below the gate; the service picks it on a CPU (auto),
+refuses an explicit precision the bundle lacks, and says which precision answered.
+
+A briefly trained ResNet-18 on the generated shapes (40 px) stands in for a real model:
+random weights would make the agreement figures meaningless. Nothing here times anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import onnx
+import pytest
+
+from lantern.core.bundle import Bundle, list_bundles
+from lantern.core.errors import ModelError
+from models import quantize
+from models.export import export_checkpoint
+from service import classifier
+from tests.service_fixtures import Server, encode, start_server, stop_server
+
+SIZE = 40
+
+
+@pytest.fixture(scope="module")
+def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A ResNet-18 trained for a few epochs on generated shapes (about a minute on 2 cores)."""
+    from models.train import TrainConfig, main
+
+    cfg = TrainConfig(
+        dataset="shapes",
+        arch="resnet18",
+        weights="none",
+        mode="all",
+        epochs=3,
+        batch_size=32,
+        lr=0.003,
+        optimizer="adamw",
+        image_size=SIZE,
+        train_size=640,
+        val_size=300,
+        workers=0,
+        out_dir=tmp_path_factory.mktemp("int8-runs"),
+        progress=False,
+    )
+    return Path(main(cfg)["best_checkpoint"])
+
+
+@pytest.fixture(scope="module")
+def int8_bundle(trained_checkpoint: Path) -> Bundle:
+    return export_checkpoint(trained_checkpoint, int8=True)
+
+
+def test_export_builds_a_calibrated_int8_graph_and_records_its_check(int8_bundle: Bundle) -> None:
+    record = int8_bundle.int8
+    assert record is not None and record["status"] == "passed", record
+    path = int8_bundle.onnx_int8_path
+    assert path is not None and path.is_file()
+    # Statically quantised, QDQ: QuantizeLinear/DequantizeLinear pairs around the convs,
+    # per-channel weight scales (one per output channel: a 1-D scale of length > 1).
+    graph = onnx.load(str(path)).graph
+    ops = {n.op_type for n in graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
+    scales = {t.name: t for t in graph.initializer if t.name.endswith("_scale")}
+    assert any(len(t.dims) == 1 and t.dims[0] > 1 for t in scales.values())
+    # Calibrated on the training split, checked on the held-out split, both stratified.
+    assert record["calibration"]["images"] == quantize.CALIBRATION_IMAGES
+    assert "train" in record["calibration"]["source"]
+    assert record["holdout"]["images"] == 300 and "held out" in record["holdout"]["source"]
+    assert record["agreement"] >= 99.0 and record["accuracy_drop"] <= 1.0
+    assert record["fp32_accuracy"] > 60.0  # a trained model, so agreement means something
+    assert int8_bundle.meta["export"]["int8"] == "passed"
+
+
+def test_the_gate_refuses_the_int8_graph_and_the_fp32_model_is_still_registered(
+    trained_checkpoint: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    before = len(list_bundles())
+    with caplog.at_level("WARNING", logger="models.quantize"):
+        bundle = export_checkpoint(trained_checkpoint, int8=True, int8_min_agreement=100.1)
+    assert len(list_bundles()) == before + 1
+    assert bundle.onnx_path.is_file() and bundle.onnx_int8_path is None
+    assert not (bundle.path / "model.int8.onnx").exists()
+    record = bundle.int8
+    assert record is not None and record["status"] == "refused"
+    assert "needs >= 100.1%" in record["reason"]
+    assert "REFUSED" in caplog.text and f"{record['agreement']:.1f}%" in caplog.text
+    # ... and the service serves it in fp32, not with the refused graph.
+    _, precision = classifier.open_model(bundle, provider="cpu", threads=1)
+    assert precision == "fp32"
+    with pytest.raises(ModelError, match=r"no INT8 graph \(refused: \d+\.\d% agree\)"):
+        classifier.graph_path(bundle, "int8")
+
+
+def test_no_calibration_data_skips_int8_with_a_reason(tiny_bundle: Bundle, tmp_path: Path) -> None:
+    import torch
+
+    from models.checkpoint import save_checkpoint
+    from models.network import build_model
+
+    ckpt = save_checkpoint(
+        tmp_path / "odd.pt",
+        build_model("resnet18", 4, weights="none"),
+        architecture="resnet18",
+        class_names=tiny_bundle.class_names,
+        spec=tiny_bundle.preprocess,
+        training={"dataset": "somewhere else"},
+        metrics={"accuracy": 0.25},
+    )
+    del torch
+    bundle = export_checkpoint(ckpt, int8=True)
+    record = bundle.int8
+    assert record is not None and record["status"] == "skipped"
+    assert "--calibration-data" in record["reason"] and bundle.onnx_int8_path is None
+
+
+def test_auto_runs_int8_on_the_cpu_when_the_bundle_has_it_and_fp32_when_not(
+    int8_bundle: Bundle, tiny_bundle: Bundle
+) -> None:
+    session, precision = classifier.open_model(int8_bundle, provider="cpu", threads=1)
+    assert precision == "int8" and session.get_providers()[0] == classifier.CPU
+    assert tiny_bundle.onnx_int8_path is None
+    _, precision = classifier.open_model(tiny_bundle, provider="cpu", threads=1)
+    assert precision == "fp32"
+    _, precision = classifier.open_model(int8_bundle, precision="fp32", provider="cpu", threads=1)
+    assert precision == "fp32"
+
+
+def test_an_explicit_precision_the_bundle_lacks_fails_readably(tiny_bundle: Bundle) -> None:
+    with pytest.raises(ModelError, match=r"LANTERN_PRECISION=int8 but model .* has no INT8 graph"):
+        classifier.open_model(tiny_bundle, precision="int8", provider="cpu")
+    with pytest.raises(ModelError, match=r"LANTERN_PRECISION=fp16 but model .* has no fp16 graph"):
+        classifier.open_model(tiny_bundle, precision="fp16", provider="cpu")
+    # `lantern serve` says so before it starts the server.
+    done = subprocess.run(
+        [sys.executable, "-m", "lantern.cli", "serve", "--port", "1"],
+        env={**os.environ, "LANTERN_MODEL": tiny_bundle.tag, "LANTERN_PRECISION": "int8"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode != 0
+    assert "has no INT8 graph (not built at export)" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_models_list_shows_the_int8_column(int8_bundle: Bundle) -> None:
+    run = [sys.executable, "-m", "lantern.cli", "models", "list"]
+    table = subprocess.run(run, capture_output=True, text=True, timeout=120)
+    assert table.returncode == 0, table.stderr
+    header, *rows = table.stdout.splitlines()
+    assert header.rstrip().endswith("INT8")
+    mine = next(r for r in rows if r.startswith(int8_bundle.tag))
+    assert mine.rstrip().endswith(f"{int8_bundle.meta['int8']['agreement']:.1f}% agree")
+    assert any(r.rstrip().endswith(" -") for r in rows)  # the tiny bundle: no INT8 graph
+    listed = subprocess.run([*run, "--json"], capture_output=True, text=True, timeout=120)
+    rows_json = {r["tag"]: r for r in json.loads(listed.stdout)}
+    assert rows_json[int8_bundle.tag]["int8"]["status"] == "passed"
+
+
+# --- through a real `lantern serve` -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def int8_server(int8_bundle: Bundle, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    server = start_server(
+        int8_bundle.tag,
+        tmp_path_factory.mktemp("serve-int8") / "serve.log",
+        {"LANTERN_PRECISION": "auto", "LANTERN_ORT_PROVIDER": "cpu"},
+    )
+    yield server
+    stop_server(server)
+
+
+def held_out_pngs(bundle: Bundle) -> tuple[list[bytes], np.ndarray]:
+    """The held-out images the gate was checked on, as PNG uploads, with their fp32 top-1."""
+    from lantern.core.images import decode_image
+    from models.data import ShapesDataset
+
+    training: dict[str, Any] = bundle.meta["training"]
+    val = ShapesDataset(int(training["val_images"]), size=SIZE, seed=int(training["seed"]) + 10_000)
+    uploads = [encode(val[i][0], "PNG") for i in range(len(val))]
+    x = bundle.preprocess.apply_batch([decode_image(d, max_pixels=10**8) for d in uploads])
+    return uploads, quantize.top1(bundle.onnx_path, x)
+
+
+@pytest.mark.integration
+def test_predict_reports_int8_and_agrees_with_fp32_as_the_gate_promises(
+    int8_server: Server, int8_bundle: Bundle
+) -> None:
+    uploads, fp32_top1 = held_out_pngs(int8_bundle)
+    got: list[int] = []
+    with httpx.Client(base_url=int8_server.url, timeout=60) as client:
+        r = client.post("/predict", files={"image": ("0.png", uploads[0], "image/png")})
+        assert r.status_code == 200, r.text
+        assert r.json()["precision"] == "int8"
+        assert r.json()["model_version"] == int8_bundle.version
+        for start in range(0, len(uploads), 8):
+            chunk = range(start, min(start + 8, len(uploads)))
+            files = [("images", (f"{i}.png", uploads[i], "image/png")) for i in chunk]
+            r = client.post("/predict_batch", files=files)
+            assert r.status_code == 200, r.text
+            predictions = r.json()["predictions"]
+            assert {p["precision"] for p in predictions} == {"int8"}
+            got += [p["class_index"] for p in predictions]
+        metrics = client.get("/metrics").text
+    agreement = 100.0 * float(np.mean(np.asarray(got) == fp32_top1))
+    assert agreement >= int8_bundle.meta["int8"]["min_agreement"], agreement
+    assert 'precision="int8"' in metrics and "lantern_model_info" in metrics
+    assert "precision int8" in int8_server.log_text()  # the startup log says so
+
+
+def test_the_openapi_document_describes_the_precision_field() -> None:
+    from service.api import app
+    from service.openapi import build_document
+
+    schemas = build_document(app)["components"]["schemas"]
+    precision = schemas["Prediction"]["properties"]["precision"]
+    assert precision["enum"] == ["fp32", "int8", "fp16"] and precision["description"]
+    assert "precision" in schemas["Prediction"]["required"]
