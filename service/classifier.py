@@ -101,9 +101,7 @@ def graph_path(bundle: Bundle, precision: str) -> Path:
             f"LANTERN_PRECISION=fp16 but model {bundle.tag} has no fp16 graph; re-export it "
             "with `lantern export --fp16`, or set LANTERN_PRECISION to auto or fp32"
         )
-    raise UsageError(
-        f"precision must be one of {', '.join(PRECISION_CHOICES)}, not {precision!r}"
-    )
+    raise UsageError(f"precision must be one of {', '.join(PRECISION_CHOICES)}, not {precision!r}")
 
 
 def open_model(
