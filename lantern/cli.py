@@ -14,6 +14,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+from pydantic import ValidationError
+
 from lantern.core.errors import LanternError
 
 # Order is the order `lantern --help` lists them in.
@@ -63,8 +65,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LanternError as e:
         print(f"lantern {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except ValidationError as e:  # a bad LANTERN_* setting: say which, not a traceback
+        print(f"lantern {args.command}: error: {_settings_problem(e)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
+        print(f"lantern {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`lantern models list --json | head`): not an error of ours.
+        # Point stdout at /dev/null so the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _settings_problem(error: ValidationError) -> str:
+    """One line per invalid setting: its environment variable, the value, what is wrong."""
+    problems = []
+    for err in error.errors():
+        field = ".".join(str(p) for p in err["loc"])
+        variable = "REDIS_URL" if field == "redis_url" else f"LANTERN_{field.upper()}"
+        problems.append(f"{variable}={err.get('input')!r}: {err['msg']}")
+    return "invalid setting " + "; ".join(problems)
 
 
 if __name__ == "__main__":

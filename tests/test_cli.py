@@ -116,3 +116,26 @@ def test_cifar10_that_is_not_there_says_to_download_it(tmp_path: Path) -> None:
 def test_export_of_a_missing_checkpoint_is_a_one_line_error(tmp_path: Path) -> None:
     result = _lantern("export", str(tmp_path / "none.pt"))
     _assert_one_line_error(result, "does not exist", "lantern train")
+
+
+def test_a_bad_setting_is_a_one_line_error_naming_the_variable() -> None:
+    result = _lantern("settings", env={"LANTERN_MAX_BATCH_SIZE": "abc"})
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "LANTERN_MAX_BATCH_SIZE='abc'" in lines[0], result.stderr
+
+
+def test_a_reader_that_stops_early_is_not_an_error() -> None:
+    """`lantern settings | head -0`: the reader is gone before the first line is written."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lantern.cli", "settings"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # the reader goes away while the command is still starting
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 0, stderr
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
