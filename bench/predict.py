@@ -1,12 +1,16 @@
-"""Prediction benchmark: raw ONNX Runtime vs torch eager vs the running service.
+"""Prediction benchmark: raw ONNX Runtime (fp32 and INT8) vs torch eager vs the service.
 
     .venv/bin/python -m bench.predict            (what `make bench` runs)
 
 Registers a ResNet-50 (random weights, 10 classes, 224 px) in a temporary BENTOML_HOME,
-so the user's model store is never touched; measures ONNX Runtime and torch-eager
-throughput at batch 1, 8 and 32; starts `lantern serve` on a free loopback port and
-measures POST /predict throughput and p50/p99 latency at concurrency 1, 8 and 32 with
-closed-loop clients; prints one table. Takes about 3 minutes on 2 CPU cores.
+so the user's model store is never touched, with an INT8 graph quantised the way `lantern
+export` does it (models.quantize; calibrated on generated pictures, and registered without
+the agreement gate: random weights make agreement meaningless, and speed does not depend on
+the weights' values); measures ONNX Runtime fp32 and INT8 and torch-eager throughput at
+batch 1, 8 and 32; starts `lantern serve` on a free loopback port, once with
+LANTERN_PRECISION=fp32 and once with int8, and measures POST /predict throughput and
+p50/p99 latency at concurrency 1, 8 and 32 with closed-loop clients; prints one table with
+the INT8/fp32 ratios of the same run. Takes about 5 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -26,6 +30,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lantern.core.bundle import Bundle
 
 # Before anything imports bentoml: a throw-away model store for this run.
 _HOME = Path(tempfile.mkdtemp(prefix="lantern-bench-"))
@@ -78,7 +86,37 @@ def register_model(tmp: Path) -> str:
         # Not evaluated: chance level for 10 classes. (save_bundle cannot store None yet.)
         metrics={"accuracy": 1 / NUM_CLASSES},
     )
-    return export_checkpoint(ckpt).tag
+    fp32 = export_checkpoint(ckpt)
+    return register_int8(fp32, tmp)
+
+
+def register_int8(fp32: Bundle, tmp: Path) -> str:
+    """A second version of the same model with an INT8 graph, built as `lantern export`
+    builds it but calibrated on generated pictures and registered without the gate."""
+    from PIL import Image
+
+    from lantern.core.bundle import save_bundle
+    from models import quantize
+
+    rng = np.random.default_rng(2)
+    pictures = [
+        Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize(
+            UPLOAD_SIZE, Image.Resampling.BICUBIC
+        )
+        for _ in range(64)
+    ]
+    calibration = fp32.preprocess.apply_batch(pictures)
+    int8_path = quantize.quantize(fp32.onnx_path, calibration, tmp / "model.int8.onnx")
+    meta = {
+        **fp32.meta,
+        "created_at": None,
+        "int8": {
+            "status": "passed",
+            "agreement": 0.0,
+            "reason": "benchmark: random weights, registered without the gate (speed only)",
+        },
+    }
+    return save_bundle(fp32.onnx_path, fp32.weights_path, meta, onnx_int8_path=int8_path).tag
 
 
 def time_batches(
@@ -95,12 +133,12 @@ def time_batches(
     return batch * len(times) / sum(times), statistics.median(times)
 
 
-def bench_ort(tag: str, budget_s: float) -> dict[int, tuple[float, float]]:
+def bench_ort(tag: str, budget_s: float, precision: str) -> dict[int, tuple[float, float]]:
     from lantern.core.bundle import load_bundle
-    from service.classifier import create_session, run
+    from service.classifier import create_session, graph_path, run
 
     bundle = load_bundle(tag)
-    session = create_session(bundle.onnx_path, provider="auto")
+    session = create_session(graph_path(bundle, precision), provider="auto")
     rng = np.random.default_rng(0)
     inputs = {b: rng.standard_normal((b, 3, IMAGE_SIZE, IMAGE_SIZE), np.float32) for b in BATCHES}
     return {b: time_batches(lambda n: run(session, inputs[n]), b, budget_s) for b in BATCHES}
@@ -146,10 +184,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(tag: str, port: int, log_path: Path) -> subprocess.Popen[bytes]:
+def start_server(tag: str, port: int, log_path: Path, precision: str) -> subprocess.Popen[bytes]:
     import httpx
 
-    env = {**os.environ, "LANTERN_MODEL": tag}
+    env = {**os.environ, "LANTERN_MODEL": tag, "LANTERN_PRECISION": precision}
     # A batch of 32 ResNet-50 images takes seconds on a small CPU, and a request may wait
     # for the batch ahead of it to finish before its own starts.
     env.setdefault("LANTERN_MAX_LATENCY_MS", "20000")
@@ -186,7 +224,9 @@ def batch_counters(metrics: str) -> tuple[float, float]:
     return total, count
 
 
-async def load(url: str, images: list[bytes], concurrency: int, requests: int) -> LoadResult:
+async def load(
+    url: str, images: list[bytes], concurrency: int, requests: int, precision: str = ""
+) -> LoadResult:
     import httpx
 
     latencies: list[float] = []
@@ -206,6 +246,8 @@ async def load(url: str, images: list[bytes], concurrency: int, requests: int) -
                 latencies.append((time.perf_counter() - t0) * 1000)
                 if response.status_code != 200:
                     raise RuntimeError(f"/predict answered {response.status_code}: {response.text}")
+                if precision and response.json()["precision"] != precision:
+                    raise RuntimeError(f"asked for {precision}, served {response.json()}")
 
         start = time.perf_counter()
         await asyncio.gather(*(user() for _ in range(concurrency)))
@@ -216,16 +258,18 @@ async def load(url: str, images: list[bytes], concurrency: int, requests: int) -
     return LoadResult(concurrency, requests, seconds, latencies, mean_batch)
 
 
-def bench_service(tag: str, requests: dict[int, int], log_path: Path) -> list[LoadResult]:
+def bench_service(
+    tag: str, requests: dict[int, int], log_path: Path, precision: str
+) -> list[LoadResult]:
     port = free_port()
-    proc = start_server(tag, port, log_path)
+    proc = start_server(tag, port, log_path, precision)
     url = f"http://127.0.0.1:{port}"
     images = make_jpegs(16)
     try:
         # Warm-up: the first requests pay for thread pools, allocator growth and
         # ONNX Runtime's first batched shapes.
-        asyncio.run(load(url, images, 4, 32))
-        return [asyncio.run(load(url, images, c, requests[c])) for c in CONCURRENCY]
+        asyncio.run(load(url, images, 4, 32, precision))
+        return [asyncio.run(load(url, images, c, requests[c], precision)) for c in CONCURRENCY]
     finally:
         proc.terminate()
         try:
@@ -254,6 +298,8 @@ def render(
     torch_rates: dict[int, tuple[float, float]],
     service: list[LoadResult],
     provider: str,
+    int8_rates: dict[int, tuple[float, float]],
+    int8_service: list[LoadResult],
 ) -> str:
     import onnxruntime
     import torch
@@ -274,6 +320,11 @@ def render(
         + "".join(f"{ort_rates[b][0] / torch_rates[b][0]:>10.2f}x" for b in BATCHES),
         f"{'  ONNX Runtime ms per call (p50)':<34}"
         + "".join(f"{ort_rates[b][1] * 1000:>11.1f}" for b in BATCHES),
+        f"{'  ONNX Runtime INT8':<34}" + "".join(f"{int8_rates[b][0]:>11.1f}" for b in BATCHES),
+        f"{'  INT8 ms per call (p50)':<34}"
+        + "".join(f"{int8_rates[b][1] * 1000:>11.1f}" for b in BATCHES),
+        f"{'  INT8 / fp32':<34}"
+        + "".join(f"{int8_rates[b][0] / ort_rates[b][0]:>10.2f}x" for b in BATCHES),
         "",
         f"{'service POST /predict':<34}"
         + "".join(f"{f'conc. {r.concurrency}':>11}" for r in service),
@@ -285,6 +336,26 @@ def render(
         + "".join(f"{r.mean_batch:>11.1f}" if r.mean_batch else f"{'n/a':>11}" for r in service),
         f"{'  service / best raw ORT':<34}"
         + "".join(f"{r.throughput / best_ort:>10.2f}x" for r in service),
+        "",
+        f"{'service POST /predict, INT8':<34}"
+        + "".join(f"{f'conc. {r.concurrency}':>11}" for r in int8_service),
+        f"{'  throughput, images/s':<34}" + "".join(f"{r.throughput:>11.1f}" for r in int8_service),
+        f"{'  latency p50, ms':<34}" + "".join(f"{r.percentile(50):>11.1f}" for r in int8_service),
+        f"{'  latency p99, ms':<34}" + "".join(f"{r.percentile(99):>11.1f}" for r in int8_service),
+        f"{'  mean model batch size':<34}"
+        + "".join(
+            f"{r.mean_batch:>11.1f}" if r.mean_batch else f"{'n/a':>11}" for r in int8_service
+        ),
+        f"{'  INT8 / fp32 service throughput':<34}"
+        + "".join(
+            f"{a.throughput / b.throughput:>10.2f}x"
+            for a, b in zip(int8_service, service, strict=True)
+        ),
+        f"{'  INT8 / fp32 service p50 latency':<34}"
+        + "".join(
+            f"{a.percentile(50) / b.percentile(50):>10.2f}x"
+            for a, b in zip(int8_service, service, strict=True)
+        ),
         "",
     ]
     c32 = next(r for r in service if r.concurrency == 32)
@@ -311,17 +382,23 @@ def main(argv: list[str] | None = None) -> int:
 
     tmp = _HOME / "work"
     tmp.mkdir(parents=True, exist_ok=True)
-    print("registering a random-weight ResNet-50 in a temporary model store ...", flush=True)
+    print(
+        "registering a random-weight ResNet-50 (+ INT8 graph) in a temporary model store ...",
+        flush=True,
+    )
     tag = register_model(tmp)
-    print("raw ONNX Runtime ...", flush=True)
-    ort_rates = bench_ort(tag, budget)
+    print("raw ONNX Runtime, fp32 then INT8 ...", flush=True)
+    ort_rates = bench_ort(tag, budget, "fp32")
+    int8_rates = bench_ort(tag, budget, "int8")
     print("torch eager ...", flush=True)
     torch_rates = bench_torch(tag, budget)
-    print("service (lantern serve) ...", flush=True)
-    service = bench_service(tag, requests, tmp / "serve.log")
+    print("service (lantern serve), fp32 ...", flush=True)
+    service = bench_service(tag, requests, tmp / "serve.log", "fp32")
     provider = _served_provider(tmp / "serve.log")
+    print("service (lantern serve), INT8 ...", flush=True)
+    int8_service = bench_service(tag, requests, tmp / "serve-int8.log", "int8")
     print()
-    print(render(tag, ort_rates, torch_rates, service, provider))
+    print(render(tag, ort_rates, torch_rates, service, provider, int8_rates, int8_service))
     return 0
 
 
