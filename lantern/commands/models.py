@@ -1,22 +1,29 @@
-"""lantern models: list the registered model versions."""
+"""lantern models: list the registered model versions; make a first one; promote a version
+to an alias the service and workers follow; delete one."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
-HELP = "List registered Lantern model versions with their accuracy; `ensure` makes a first one."
+HELP = (
+    "List registered Lantern model versions; `ensure` makes a first one; `promote VERSION` "
+    "points the production alias at a version (roll out, roll back); `delete VERSION`."
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "action",
         nargs="?",
-        choices=["list", "ensure"],
+        choices=["list", "ensure", "promote", "delete"],
         default="list",
         help="list: show versions; ensure: make a first model if the store has none "
-        "(CIFAR-10 fine-tune when it can be downloaded, else a demo on generated shapes)",
+        "(CIFAR-10 fine-tune when it can be downloaded, else a demo on generated shapes); "
+        "promote VERSION: point --alias at it; delete VERSION: remove it from the store",
     )
+    p.add_argument("version", nargs="?", help="the version to promote or delete")
+    p.add_argument("--alias", default="production", help="alias to point at VERSION (promote)")
     p.add_argument("--name", default="lantern-classifier", help="model name in the store")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
@@ -24,9 +31,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.action == "ensure":
         return _ensure(args.name)
-    from lantern.core.bundle import describe_int8, list_bundles
+    if args.action in ("promote", "delete"):
+        return _change(args)
+    from lantern.core.bundle import aliases, describe_int8, list_bundles
 
     bundles = list_bundles(args.name)
+    by_version: dict[str, list[str]] = {}
+    for alias, version in sorted(aliases(args.name).items()):
+        by_version.setdefault(version, []).append(alias)
     if args.json:
         rows = [
             {
@@ -37,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
                 "created_at": b.meta.get("created_at"),
                 "training": b.meta.get("training", {}),
                 "int8": b.int8,
+                "aliases": by_version.get(b.version, []),
             }
             for b in bundles
         ]
@@ -47,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     header = (
         f"{'TAG':<42} {'ARCH':<9} {'CLASSES':>7} {'ACCURACY':>8} {'MODE':<6} {'DATA':<10} "
-        f"{'CREATED':<19} INT8"
+        f"{'CREATED':<19} {'INT8':<16} ALIASES"
     )
     print(header)
     for b in bundles:
@@ -56,8 +69,26 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"{b.tag:<42} {b.architecture:<9} {len(b.class_names):>7} {acc:>8} "
             f"{training.get('mode', '?'):<6} {training.get('dataset', '?'):<10} "
-            f"{str(b.meta.get('created_at', ''))[:19]:<19} {describe_int8(b.int8)}"
+            f"{str(b.meta.get('created_at', ''))[:19]:<19} {describe_int8(b.int8):<16} "
+            f"{','.join(by_version.get(b.version, [])) or '-'}"
         )
+    return 0
+
+
+def _change(args: argparse.Namespace) -> int:
+    from lantern.core.bundle import delete_bundle, promote
+    from lantern.core.errors import UsageError
+
+    if not args.version:
+        raise UsageError(f"`lantern models {args.action}` needs a VERSION (see `lantern models`)")
+    if args.action == "promote":
+        bundle = promote(args.version, args.alias, args.name)
+        print(
+            f"{args.name}:{args.alias} -> {bundle.tag}; restart the API and the workers to "
+            "serve it (`lantern up` and compose read it when they start)"
+        )
+    else:
+        print(f"deleted {delete_bundle(args.version, args.name)}")
     return 0
 
 

@@ -23,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         default=None,
-        help="model tag to serve (default: the LANTERN_MODEL setting, lantern-classifier:latest)",
+        help="model tag or alias to serve (default: the LANTERN_MODEL setting)",
     )
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -183,10 +184,12 @@ def save_bundle(
 
 
 def load_bundle(tag: str = f"{MODEL_NAME}:latest") -> Bundle:
-    """Resolve a tag ("name", "name:latest" or "name:version") to a bundle on disk."""
+    """Resolve a tag ("name", "name:latest", "name:version" or "name:<alias>", e.g.
+    "name:production") to a bundle on disk."""
     import bentoml
     from bentoml.exceptions import NotFound
 
+    tag = resolve_alias(tag)
     try:
         model = bentoml.models.get(tag)
     except NotFound:
@@ -213,6 +216,89 @@ def list_bundles(name: str = MODEL_NAME) -> list[Bundle]:
         return []
     models = sorted(models, key=lambda m: m.info.creation_time, reverse=True)
     return [load_bundle(str(m.tag)) for m in models]
+
+
+# --- aliases: the version a deployment follows -------------------------------------------
+#
+# BentoML's store knows versions and `latest`; Lantern adds named aliases (`production` by
+# default) kept beside the versions, in $BENTOML_HOME/models/lantern-aliases.json (BentoML
+# lists only directories there), so they travel with the store. `lantern models promote VERSION`
+# points one at a version; the service and the workers resolve LANTERN_MODEL
+# (`lantern-classifier:production` by default) when they start, so a promotion takes
+# effect on the next restart and a rollback is a promotion of the previous version.
+# While nothing is promoted, `production` means `latest`, so a new store just works.
+
+DEFAULT_ALIAS = "production"
+ALIASES_FILE = "lantern-aliases.json"
+_ALIAS_RE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+
+
+def aliases(name: str = MODEL_NAME) -> dict[str, str]:
+    """{alias: version} for model `name`."""
+    path = _aliases_path()
+    if not path.is_file():
+        return {}
+    try:
+        table = json.loads(path.read_text())
+    except ValueError:
+        raise ModelError(f"{path} is not valid JSON; fix or delete it") from None
+    return {str(k): str(v) for k, v in (table.get(name) or {}).items()}
+
+
+def resolve_alias(tag: str) -> str:
+    """'name:<alias>' -> 'name:<version>'; any other tag unchanged."""
+    name, _, version = tag.partition(":")
+    if not version or version == "latest":
+        return tag
+    promoted = aliases(name).get(version)
+    if promoted is not None:
+        return f"{name}:{promoted}"
+    if version == DEFAULT_ALIAS:
+        return f"{name}:latest"  # nothing promoted yet: follow the newest version
+    return tag
+
+
+def promote(version: str, alias: str = DEFAULT_ALIAS, name: str = MODEL_NAME) -> Bundle:
+    """Point `alias` of `name` at `version` (which must be in the store); the bundle."""
+    if not _ALIAS_RE.fullmatch(alias) or alias == "latest":
+        raise ModelError(
+            f"{alias!r} is not an alias name (lowercase letters, digits, _ and -; not 'latest')"
+        )
+    bundle = load_bundle(_tag(name, version))
+    table = json.loads(_aliases_path().read_text()) if _aliases_path().is_file() else {}
+    table.setdefault(name, {})[alias] = bundle.version
+    _write_atomically(_aliases_path(), json.dumps(table, indent=2, sort_keys=True))
+    return bundle
+
+
+def delete_bundle(version: str, name: str = MODEL_NAME) -> str:
+    """Delete a version from the store; refused while an alias points at it. Its tag."""
+    import bentoml
+
+    bundle = load_bundle(_tag(name, version))
+    pinned = sorted(a for a, v in aliases(name).items() if v == bundle.version)
+    if pinned:
+        raise ModelError(
+            f"{bundle.tag} is the {', '.join(pinned)} model; promote another version first "
+            f"(`lantern models promote VERSION`), then delete this one"
+        )
+    bentoml.models.delete(bundle.tag)
+    return bundle.tag
+
+
+def _tag(name: str, version: str) -> str:
+    return version if ":" in version else f"{name}:{version}"
+
+
+def _aliases_path() -> Path:
+    return Path(_store_dir()) / ALIASES_FILE
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text + "\n")
+    os.replace(tmp, path)
 
 
 def _store_dir() -> str:

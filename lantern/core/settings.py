@@ -19,8 +19,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LANTERN_", extra="ignore")
 
     model: str = Field(
-        "lantern-classifier:latest",
-        description="BentoML model tag the service and workers load.",
+        "lantern-classifier:production",
+        description="BentoML model tag the service and workers load, resolved when they "
+        "start: a version, `latest`, or an alias set by `lantern models promote` "
+        "(`production` follows `latest` until a version is promoted).",
     )
     redis_url: str = Field(
         "redis://127.0.0.1:6379/0",

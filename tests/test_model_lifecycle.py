@@ -1,0 +1,118 @@
+"""Model lifecycle: promote a version to an alias the service follows, roll back, delete.
+
+Real commands (`lantern models ...`) and a real `lantern serve` on the session's model
+store, under a model name of this test's own so no other test sees its aliases.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from lantern.core.bundle import Bundle, aliases, load_bundle, resolve_alias
+from tests.conftest import TINY_ARCH, TINY_CLASSES, TINY_SIZE
+from tests.service_fixtures import start_server, stop_server
+from tests.worker_fixtures import shape_png
+
+pytestmark = pytest.mark.integration
+
+NAME = "lifecycle-test"
+
+
+def _lantern(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "lantern.cli", "models", *args, "--name", NAME],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ},
+    )
+
+
+@pytest.fixture(scope="module")
+def versions(tmp_path_factory: pytest.TempPathFactory) -> list[Bundle]:
+    """Two versions of NAME, oldest first."""
+    import torch
+
+    from lantern.core.preprocess import PreprocessSpec
+    from models.checkpoint import save_checkpoint
+    from models.export import export_checkpoint
+    from models.network import build_model
+
+    made = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        model = build_model(TINY_ARCH, len(TINY_CLASSES), weights="none")
+        ckpt = save_checkpoint(
+            tmp_path_factory.mktemp("lifecycle") / "best.pt",
+            model,
+            architecture=TINY_ARCH,
+            class_names=TINY_CLASSES,
+            spec=PreprocessSpec(crop_size=TINY_SIZE, resize_size=TINY_SIZE),
+            training={"mode": "all", "dataset": "shapes", "epochs": 0},
+            metrics={"accuracy": 0.25},
+        )
+        made.append(export_checkpoint(ckpt, name=NAME))
+    return made
+
+
+def test_production_follows_latest_until_a_version_is_promoted(versions: list[Bundle]) -> None:
+    _, new = versions
+    assert aliases(NAME) == {}
+    assert load_bundle(f"{NAME}:production").tag == load_bundle(f"{NAME}:latest").tag == new.tag
+
+
+def test_promote_roll_back_and_delete(versions: list[Bundle], tmp_path: Path) -> None:
+    old, new = versions
+    promoted = _lantern("promote", old.version)
+    assert promoted.returncode == 0, promoted.stderr
+    assert f"{NAME}:production -> {old.tag}" in promoted.stdout
+    assert resolve_alias(f"{NAME}:production") == old.tag
+
+    # The service follows the alias when it starts.
+    server = start_server(f"{NAME}:production", tmp_path / "serve.log")
+    try:
+        status = httpx.get(server.url + "/status", timeout=10).json()
+        assert status["predictions"]["model"] == old.tag
+        answer = httpx.post(
+            server.url + "/predict", files={"image": ("a.png", shape_png(1))}, timeout=30
+        )
+        assert answer.status_code == 200 and answer.json()["model_version"] == old.version
+    finally:
+        stop_server(server)
+
+    listed = json.loads(_lantern("list", "--json").stdout)
+    assert {row["tag"]: row["aliases"] for row in listed} == {new.tag: [], old.tag: ["production"]}
+    table = _lantern("list").stdout
+    assert "ALIASES" in table and any(
+        line.startswith(old.tag) and line.rstrip().endswith("production")
+        for line in table.splitlines()
+    )
+
+    # The promoted version cannot be deleted; roll back to the other, then it can.
+    refused = _lantern("delete", old.version)
+    assert refused.returncode == 2 and "is the production model" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert _lantern("promote", new.version).returncode == 0
+    assert resolve_alias(f"{NAME}:production") == new.tag
+    deleted = _lantern("delete", old.version)
+    assert deleted.returncode == 0 and old.tag in deleted.stdout
+    assert [row["tag"] for row in json.loads(_lantern("list", "--json").stdout)] == [new.tag]
+
+
+def test_bad_lifecycle_commands_are_one_line_errors(versions: list[Bundle]) -> None:
+    for args, expected in [
+        (("promote",), "needs a VERSION"),
+        (("promote", "nosuchversion"), "no model"),
+        (("promote", versions[1].version, "--alias", "latest"), "is not an alias name"),
+        (("delete", "nosuchversion"), "no model"),
+    ]:
+        result = _lantern(*args)
+        assert result.returncode == 2, (args, result.stdout, result.stderr)
+        assert expected in result.stderr and "Traceback" not in result.stderr, (args, result.stderr)
