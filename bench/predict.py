@@ -185,12 +185,19 @@ def free_port() -> int:
 
 
 def start_server(tag: str, port: int, log_path: Path, precision: str) -> subprocess.Popen[bytes]:
-    import httpx
-
     env = {**os.environ, "LANTERN_MODEL": tag, "LANTERN_PRECISION": precision}
     # A batch of 32 ResNet-50 images takes seconds on a small CPU, and a request may wait
     # for the batch ahead of it to finish before its own starts.
     env.setdefault("LANTERN_MAX_LATENCY_MS", "20000")
+    return launch_server(port, log_path, env, ready_timeout_s=120)
+
+
+def launch_server(
+    port: int, log_path: Path, env: dict[str, str], ready_timeout_s: float
+) -> subprocess.Popen[bytes]:
+    """`lantern serve` on `port` with `env`, returned once /readyz answers 200."""
+    import httpx
+
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "lantern.cli", "serve", "--port", str(port)],
@@ -198,7 +205,7 @@ def start_server(tag: str, port: int, log_path: Path, precision: str) -> subproc
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + ready_timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"lantern serve exited; see {log_path}")

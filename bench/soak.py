@@ -314,28 +314,11 @@ def register_model(arch: str, image_size: int, work: Path) -> str:
 def start_server(
     tag: str, port: int, log_path: Path, env: dict[str, str]
 ) -> subprocess.Popen[bytes]:
-    import httpx
+    from bench.predict import launch_server
 
-    full_env = {**os.environ, "LANTERN_MODEL": tag, **env}
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "lantern.cli", "serve", "--port", str(port)],
-            env=full_env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"lantern serve exited; see {log_path}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.terminate()
-    raise RuntimeError(f"lantern serve did not become ready; see {log_path}")
+    return launch_server(
+        port, log_path, {**os.environ, "LANTERN_MODEL": tag, **env}, ready_timeout_s=180
+    )
 
 
 def free_port() -> int:
