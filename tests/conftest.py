@@ -75,6 +75,16 @@ def redis_conn(redis_server: RedisServer) -> Iterator[object]:
     conn.close()
 
 
+@pytest.fixture
+def worker_processes() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Worker processes a test starts; any still running are killed afterwards."""
+    from tests.worker_fixtures import stop_processes
+
+    procs: list[subprocess.Popen[bytes]] = []
+    yield procs
+    stop_processes(procs)
+
+
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     """A registered ResNet-18 (random weights, 4 shape classes, 64 px) in the session store."""

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +23,6 @@ from tests.worker_fixtures import (
     settings_for,
     shape_png,
     start_worker,
-    stop_processes,
     wait_for,
     worker_env,
 )
@@ -54,13 +51,6 @@ def attacks(marker: Path) -> dict[str, tuple[str, list[Any]]]:
         "subprocess.run": ("subprocess.run", [["touch", m]]),
         "pathlib.Path.touch": ("pathlib.Path.touch", [m]),
     }
-
-
-@pytest.fixture
-def worker_processes() -> Iterator[list[subprocess.Popen[bytes]]]:
-    procs: list[subprocess.Popen[bytes]] = []
-    yield procs
-    stop_processes(procs)
 
 
 def test_each_payload_would_create_its_marker_if_called(tmp_path: Path) -> None:

@@ -7,9 +7,7 @@ import io
 import json
 import os
 import signal
-import subprocess
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,21 +22,12 @@ from tests.worker_fixtures import (
     settings_for,
     shape_png,
     start_worker,
-    stop_processes,
     wait_for,
     worker_env,
 )
 
 pytestmark = pytest.mark.integration
 ALL_METHODS = ["gradcam", "gradcam_pp", "saliency", "activations"]
-
-
-@pytest.fixture
-def worker_processes() -> Iterator[list[subprocess.Popen[bytes]]]:
-    """Worker processes a test starts; any still running are killed afterwards."""
-    procs: list[subprocess.Popen[bytes]] = []
-    yield procs
-    stop_processes(procs)
 
 
 def open_png(store: DirectoryStore, job_id: str, name: str) -> Image.Image:
