@@ -33,6 +33,7 @@ from lantern.core.jobs import (
     Method,
     check_layer_name,
     find_or_enqueue,
+    finished_from_manifest,
     image_names,
     is_explain_job_id,
     job_status,
@@ -40,7 +41,7 @@ from lantern.core.jobs import (
     parse_methods,
 )
 from lantern.core.settings import Settings
-from lantern.core.store import ArtifactStore, check_file_name, open_store, read_manifest
+from lantern.core.store import check_file_name, open_store
 
 CONTENT_TYPES = {".png": "image/png", ".npy": "application/octet-stream"}
 _INPUT_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
@@ -235,21 +236,6 @@ class Explanations:
         suffix = "." + name.rsplit(".", 1)[-1].lower() if "." in name else ""
         content_type = CONTENT_TYPES.get(suffix) or _INPUT_TYPES.get(suffix)
         return self.store.read(job_id, name), content_type or "application/octet-stream"
-
-
-def finished_from_manifest(store: ArtifactStore, job_id: str) -> dict[str, Any] | None:
-    """The status of a finished job read from its manifest alone, or None without one."""
-    manifest = read_manifest(store, job_id)
-    if manifest is None:
-        return None
-    n = len(manifest.get("images", []))
-    return {
-        "id": job_id,
-        "status": JobStatus.FINISHED,
-        "progress": {"done": n, "total": n},
-        "error": None,
-        "manifest": manifest,
-    }
 
 
 @contextmanager

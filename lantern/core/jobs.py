@@ -481,8 +481,7 @@ def job_status(
         if manifest is None:
             return None
         # Redis forgot the job (restart without persistence, expiry); the files remain.
-        n = len(manifest.get("images", []))
-        return _status_dict(job_id, JobStatus.FINISHED, n, n, None, manifest)
+        return _finished(job_id, manifest)
 
     rq_status = _rq_status(job)
     status = _STATUS_MAP.get(rq_status, JobStatus.QUEUED)
@@ -494,6 +493,18 @@ def job_status(
     return _status_dict(
         job_id, status, done, total, error, manifest if status == JobStatus.FINISHED else None
     )
+
+
+def finished_from_manifest(store: ArtifactStore, job_id: str) -> dict[str, Any] | None:
+    """The status of a finished job read from its manifest alone (no Redis), or None
+    without one: the manifest is written last, so its presence means "finished"."""
+    manifest = read_manifest(store, job_id)
+    return None if manifest is None else _finished(job_id, manifest)
+
+
+def _finished(job_id: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    n = len(manifest.get("images", []))
+    return _status_dict(job_id, JobStatus.FINISHED, n, n, None, manifest)
 
 
 _STATUS_MAP = {
