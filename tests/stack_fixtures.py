@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import RedisServer, start_redis
 from tests.service_fixtures import Server, start_server, stop_server
-from tests.worker_fixtures import start_worker, stop_processes, worker_env
+from tests.worker_fixtures import start_worker, stop_processes, wait_for, worker_env
 
 
 @dataclass
@@ -36,7 +36,26 @@ def start_stack(tag: str, tmp: Path, server_env: dict[str, str] | None = None) -
     worker = start_worker(env, tmp / "worker.log")
     shared = {k: env[k] for k in ("REDIS_URL", "LANTERN_ARTIFACT_DIR", "LANTERN_QUEUE")}
     server = start_server(tag, tmp / "server.log", extra_env={**shared, **(server_env or {})})
+    _wait_for_worker(redis.url, worker, tmp / "worker.log")
     return Stack(redis, worker, server, artifacts, env)
+
+
+def _wait_for_worker(url: str, worker: subprocess.Popen[bytes], log: Path) -> None:
+    """Until the worker has registered itself in Redis (on a loaded machine it can start
+    after the server is ready)."""
+    import redis as redis_client
+    from rq import Worker
+
+    connection = redis_client.Redis.from_url(url)
+    try:
+        wait_for(
+            lambda: worker.poll() is not None or Worker.count(connection=connection) > 0,
+            120,
+            "the worker to register in Redis",
+        )
+    finally:
+        connection.close()
+    assert worker.poll() is None, log.read_text(errors="replace")[-3000:]
 
 
 def stop_stack(stack: Stack) -> None:
