@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 
@@ -20,6 +21,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="model tag to load at start; None: LANTERN_MODEL")
     p.add_argument("--name", help="worker name; None: random")
     p.add_argument("--burst", action="store_true", help="quit when the queue is empty")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="health check (a container's): exit 0 when a worker of this host is registered "
+        "in Redis, alive, and idle or busy; else say why and exit 1",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
         if value
     }
     settings = get_settings().model_copy(update=overrides)
+    if args.check:
+        return check_health(settings.redis_url)
     connection = redis.Redis.from_url(settings.redis_url)
     try:
         # A Redis that is restarting is waited for; a wrong password is not.
@@ -74,6 +83,59 @@ def run(args: argparse.Namespace) -> int:
         print("worker loop ended unexpectedly; waiting for Redis to resume", file=sys.stderr)
         retry_redis("reach Redis", connection.ping, deadline_s=float("inf"))
         worker = new_worker(None)
+
+
+# A worker in one of these states takes jobs; "suspended" (rq suspend) and "dead" do not.
+WORKING_STATES = ("idle", "busy", "started")
+
+
+def check_health(redis_url: str) -> int:
+    """Whether this host's worker is connected and working, for a container's HEALTHCHECK.
+
+    Torch-free and quick: it reads RQ's worker registry, finds the workers this host
+    registered (a container's hostname is its own), and looks for one whose process is alive
+    here and whose state takes jobs. A worker killed without a goodbye stays registered until
+    its key expires; the process check catches it at once.
+    """
+    import socket
+
+    import redis
+    from rq.worker import Worker
+
+    host = socket.gethostname()
+    try:
+        connection = redis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
+        workers = [w for w in Worker.all(connection=connection) if w.hostname == host]
+    except redis.RedisError as e:
+        print(f"unhealthy: cannot read the worker registry at {_safe_url(redis_url)}: {e}")
+        return 1
+    if not workers:
+        print(f"unhealthy: no worker of host {host} is registered in Redis")
+        return 1
+    seen = []
+    for worker in workers:
+        state = worker.get_state()
+        if not _process_alive(worker.pid):
+            seen.append(f"{worker.name}: process {worker.pid} is gone")
+        elif state not in WORKING_STATES:
+            seen.append(f"{worker.name}: {state}")
+        else:
+            print(f"healthy: worker {worker.name} (pid {worker.pid}) is {state}")
+            return 0
+    print("unhealthy: " + "; ".join(seen))
+    return 1
+
+
+def _process_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def _safe_url(url: str) -> str:
