@@ -11,12 +11,14 @@ import argparse
 import importlib
 import logging
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 
 from pydantic import ValidationError
 
 from lantern.core.errors import LanternError
+from lantern.core.logs import configure_logging
 
 # Order is the order `lantern --help` lists them in.
 COMMANDS = (
@@ -49,18 +51,17 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         )
         module.add_arguments(p)
-        p.set_defaults(_run=module.run)
+        p.set_defaults(_run=module.run, _resume_hint=getattr(module, "resume_hint", None))
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
     try:
+        # One format for Lantern's, BentoML's and RQ's lines (LANTERN_LOG_FORMAT).
+        configure_logging(level=logging.DEBUG if args.verbose else logging.INFO)
         return int(args._run(args) or 0)
     except LanternError as e:
         print(f"lantern {args.command}: error: {e}", file=sys.stderr)
@@ -69,13 +70,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"lantern {args.command}: error: {_settings_problem(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"lantern {args.command}: interrupted", file=sys.stderr)
+        hint = args._resume_hint(args, argv) if args._resume_hint else None
+        print(f"lantern {args.command}: interrupted{'; ' + hint if hint else ''}", file=sys.stderr)
         return 130
     except BrokenPipeError:
         # The reader went away (`lantern models list --json | head`): not an error of ours.
         # Point stdout at /dev/null so the interpreter's final flush does not fail again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+
+
+def rerun_command(argv: Sequence[str]) -> str:
+    """The command line that ran, ready to paste into a shell."""
+    return shlex.join(["lantern", *argv])
 
 
 def _settings_problem(error: ValidationError) -> str:

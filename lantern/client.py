@@ -1,7 +1,10 @@
-"""A small HTTP client for the Lantern API, used by `lantern predict` and `lantern explain`.
+"""The Python client of the Lantern API: `LanternClient` (sync) and `AsyncLanternClient`.
 
-Torch-free and built on httpx. It speaks only the public API (the one the web page uses)
-and turns every way a call can go wrong into a LanternError a person can act on:
+Used by `lantern predict` and `lantern explain`, and documented in the README ("Python
+client"). Torch-free and built on httpx. Both clients share one description of every call
+and of how its answer is read (`_Api`), and one wait loop (`_Waiter`); each only sends.
+They retry 503 and 429 answers as `Retry-After` says, within bounds (RetryPolicy), and
+turn every way a call can go wrong into a LanternError a person can act on:
 
     LanternError
     ├── ServiceUnreachable   nothing answers at the URL (connection refused, DNS, timeout)
@@ -15,6 +18,7 @@ and turns every way a call can go wrong into a LanternError a person can act on:
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import hashlib
 import logging
@@ -88,21 +92,228 @@ def quiet_http_logs(verbose: bool = False) -> None:
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How a client retries an answer that says "not now": 503 (the model is overloaded,
+    the queue is down) and 429 (too many requests).
+
+    It waits the answer's `Retry-After` seconds (`default_delay` when it sends none or an
+    HTTP date), at most `max_delay` per wait, and tries at most `attempts` times in all
+    and never past `total_s` seconds since the first try: a wait that would end later is
+    not started. Then the last answer's error is raised. `RetryPolicy(attempts=1)`: no
+    retries.
+    """
+
+    attempts: int = 5
+    total_s: float = 60.0
+    default_delay: float = 1.0
+    max_delay: float = 30.0
+    statuses: frozenset[int] = frozenset({429, 503})
+
+    def delay(self, response: httpx.Response, attempt: int, elapsed: float) -> float | None:
+        """Seconds to wait before try `attempt + 1`, or None to stop and report."""
+        if response.status_code not in self.statuses or attempt >= self.attempts:
+            return None
+        wait = min(retry_after(response, self.default_delay), self.max_delay)
+        return wait if elapsed + wait <= self.total_s else None
+
+
+NO_RETRIES = RetryPolicy(attempts=1)
+
+
+def retry_after(response: httpx.Response, default: float) -> float:
+    """The `Retry-After` header in seconds (`default` when absent, a date, or nonsense)."""
+    value = response.headers.get("Retry-After", "").strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        return default
+    return seconds if 0 <= seconds < float("inf") else default
+
+
+@dataclass(frozen=True)
+class Call:
+    """One API call, as data: what both clients send (`request`) and how they read it."""
+
+    method: str
+    path: str
+    kwargs: dict[str, Any]
+
+
+class _Api:
+    """What LanternClient and AsyncLanternClient share: how each call is made and how each
+    answer is read, with no I/O of its own (each client sends the Calls its own way)."""
+
+    def __init__(self, url: str, api_key: str | None, retry: RetryPolicy | None):
+        self.url = url.rstrip("/")
+        key = api_key if api_key is not None else os.environ.get(API_KEY_ENV, "")
+        self.headers = {"Authorization": f"Bearer {key.strip()}"} if key.strip() else {}
+        self.retry = retry if retry is not None else RetryPolicy()
+
+    # --- the calls ------------------------------------------------------------------------
+
+    @staticmethod
+    def predict(image: ImageFile, top_k: int) -> Call:
+        return Call("POST", "/predict", {"params": {"top_k": top_k}, "files": {"image": image}})
+
+    @staticmethod
+    def predict_batch(images: Sequence[ImageFile], top_k: int) -> Call:
+        files = [("images", image) for image in images]
+        return Call("POST", "/predict_batch", {"params": {"top_k": top_k}, "files": files})
+
+    @staticmethod
+    def explain(
+        images: Sequence[ImageFile],
+        methods: Sequence[str],
+        targets: Sequence[int | str | None] | None,
+        layer: str | None,
+        activation_layer: str | None,
+        model: str | None,
+        faithfulness: bool,
+        force: bool,
+    ) -> Call:
+        data: dict[str, str] = {"methods": ",".join(methods)}
+        if targets is not None:
+            data["targets"] = ",".join("" if t is None else str(t) for t in targets)
+        for name, value in (
+            ("layer", layer),
+            ("activation_layer", activation_layer),
+            ("model", model),
+        ):
+            if value:
+                data[name] = value
+        if faithfulness:
+            data["faithfulness"] = "true"
+        if force:
+            data["force"] = "true"
+        files = [("images", image) for image in images]
+        return Call("POST", "/explain", {"data": data, "files": files})
+
+    @staticmethod
+    def job(job_id: str) -> Call:
+        return Call("GET", f"/jobs/{job_id}", {})
+
+    # --- the answers ----------------------------------------------------------------------
+
+    def transport_error(self, error: httpx.TransportError) -> LanternError:
+        if isinstance(error, httpx.TimeoutException):
+            return ServiceUnreachable(
+                f"the Lantern service at {self.url} did not answer in time; it may be "
+                "overloaded: retry, or send fewer images per request"
+            )
+        return ServiceUnreachable(
+            f"cannot reach the Lantern service at {self.url} ({_reason(error)}); start it "
+            "with `lantern up` (or `lantern serve`), or pass --url"
+        )
+
+    def checked(self, response: httpx.Response, attempts: int = 1) -> httpx.Response:
+        """`response` if it is a success; otherwise the LanternError it amounts to."""
+        if response.status_code < 400:
+            return response
+        message = _error_message(response)
+        if attempts > 1:
+            message += f" (tried {attempts} times)"
+        if response.status_code == 401:
+            raise Unauthorized(
+                f"the Lantern service at {self.url} refused the request: {message} "
+                f"(pass --api-key, or set {API_KEY_ENV})"
+            )
+        if response.status_code < 500:
+            raise RequestRejected(message, response.status_code)
+        raise ServiceError(
+            f"the service failed ({response.status_code}): {message}", response.status_code
+        )
+
+    def json(self, response: httpx.Response, path: str) -> dict[str, Any]:
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            raise ServiceError(
+                f"{self.url}{path} did not answer with JSON; is this a Lantern service?",
+                response.status_code,
+            )
+        return body
+
+
+class _Waiter:
+    """wait()'s logic, shared: report progress, stop on finished or failed, time out."""
+
+    def __init__(
+        self,
+        job_id: str,
+        timeout: float | None,
+        on_progress: Callable[[dict[str, Any]], None] | None,
+    ):
+        self.job_id, self.timeout, self.on_progress = job_id, timeout, on_progress
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+
+    def settled(self, status: dict[str, Any]) -> bool:
+        """True when `status` is final (finished); raises JobFailed, or JobError on timeout."""
+        if self.on_progress is not None:
+            self.on_progress(status)
+        if status["status"] == "failed":
+            raise JobFailed(self.job_id, status.get("error") or "no reason given")
+        if status["status"] == "finished":
+            return True
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise JobError(
+                f"explanation job {self.job_id} is still {status['status']} after "
+                f"{self.timeout:.0f} s; is a `lantern worker` running?"
+            )
+        return False
+
+
+def artifact_files(status: dict[str, Any]) -> list[tuple[str, str]]:
+    """(url, file name) of every artifact of a finished job's status, in a stable order."""
+    files: dict[str, str] = {}
+    for image in (status.get("manifest") or {}).get("images", []):
+        for url in image.get("urls", {}).values():
+            files[url] = PurePosixPath(url).name
+    return sorted(files.items(), key=lambda item: item[1])
+
+
+def _save(content: bytes, dest: Path) -> Path:
+    """Write atomically: a half-written file never carries the final name."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    partial = dest.with_name(dest.name + ".part")
+    partial.write_bytes(content)
+    partial.replace(dest)
+    return dest
+
+
+def _job_folder(status: dict[str, Any], folder: Path) -> list[tuple[str, Path]]:
+    from lantern.core.store import is_valid_file_name
+
+    pairs = []
+    for url, name in artifact_files(status):
+        if not is_valid_file_name(name):
+            raise ServiceError(f"the job's manifest names a file {name!r}; is this Lantern?")
+        pairs.append((url, folder / name))
+    return pairs
+
+
 class LanternClient:
-    """One connection pool to the service at `url`. Use as a context manager, or close()."""
+    """A client of the Lantern API at `url`, with one connection pool. Use as a context
+    manager, or close().
+
+    `api_key`: sent as `Authorization: Bearer <key>` on every request; None reads the
+    LANTERN_API_KEY environment variable (unset or empty: no key). `retry`: how 503 and 429
+    answers are retried (RetryPolicy; default: up to 5 tries within 60 s, waiting what
+    `Retry-After` says). Every failure is a LanternError (see the module doc).
+    """
 
     def __init__(
         self,
         url: str = DEFAULT_URL,
         timeout: float = DEFAULT_TIMEOUT_S,
         api_key: str | None = None,
+        retry: RetryPolicy | None = None,
     ):
-        """`api_key`: sent as `Authorization: Bearer <key>` on every request; None reads
-        the LANTERN_API_KEY environment variable (unset or empty: no key)."""
-        self.url = url.rstrip("/")
-        key = api_key if api_key is not None else os.environ.get(API_KEY_ENV, "")
-        headers = {"Authorization": f"Bearer {key.strip()}"} if key.strip() else {}
-        self._http = httpx.Client(base_url=self.url, timeout=timeout, headers=headers)
+        self._api = _Api(url, api_key, retry)
+        self.url = self._api.url
+        self._http = httpx.Client(base_url=self.url, timeout=timeout, headers=self._api.headers)
 
     def __enter__(self) -> LanternClient:
         return self
@@ -116,18 +327,13 @@ class LanternClient:
     # --- predictions ----------------------------------------------------------------------
 
     def predict(self, image: ImageFile, top_k: int = 5) -> dict[str, Any]:
-        """{"label", "class_index", "probability", "top_k", "model_version"} for one image."""
-        return self._json("POST", "/predict", params={"top_k": top_k}, files={"image": image})
+        """{"label", "class_index", "probability", "top_k", "model_version", "precision"}
+        for one image, given as (file name, bytes)."""
+        return self._json(_Api.predict(image, top_k))
 
     def predict_batch(self, images: Sequence[ImageFile], top_k: int = 5) -> list[dict[str, Any]]:
         """One prediction per image, in order."""
-        body = self._json(
-            "POST",
-            "/predict_batch",
-            params={"top_k": top_k},
-            files=[("images", image) for image in images],
-        )
-        return list(body["predictions"])
+        return list(self._json(_Api.predict_batch(images, top_k))["predictions"])
 
     # --- explanations ---------------------------------------------------------------------
 
@@ -135,26 +341,24 @@ class LanternClient:
         self,
         images: Sequence[ImageFile],
         methods: Sequence[str] = ("gradcam",),
-        targets: Sequence[int | None] | None = None,
+        targets: Sequence[int | str | None] | None = None,
         layer: str | None = None,
         activation_layer: str | None = None,
+        *,
+        model: str | None = None,
+        faithfulness: bool = False,
+        force: bool = False,
     ) -> dict[str, Any]:
         """Submit a job: {"job_id", "status", "status_url", "cached", ...}. A request the
         service has seen before comes back `cached` with its full status (maybe finished)."""
-        data: dict[str, str] = {"methods": ",".join(methods)}
-        if targets is not None:
-            data["targets"] = ",".join("" if t is None else str(t) for t in targets)
-        if layer:
-            data["layer"] = layer
-        if activation_layer:
-            data["activation_layer"] = activation_layer
-        return self._json(
-            "POST", "/explain", data=data, files=[("images", image) for image in images]
+        call = _Api.explain(
+            images, methods, targets, layer, activation_layer, model, faithfulness, force
         )
+        return self._json(call)
 
     def job(self, job_id: str) -> dict[str, Any]:
         """The job's status: {"status", "progress": {"done", "total"}, "error", "manifest"}."""
-        return self._json("GET", f"/jobs/{job_id}")
+        return self._json(_Api.job(job_id))
 
     def wait(
         self,
@@ -163,74 +367,141 @@ class LanternClient:
         on_progress: Callable[[dict[str, Any]], None] | None = None,
         interval: float = POLL_INTERVAL_S,
     ) -> dict[str, Any]:
-        """Poll until the job is finished and return its status; JobFailed if it failed."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        """Poll until the job is finished and return its status; `on_progress(status)` is
+        called with every status read. JobFailed if it failed, JobError after `timeout`."""
+        waiter = _Waiter(job_id, timeout, on_progress)
         while True:
             status = self.job(job_id)
-            if on_progress is not None:
-                on_progress(status)
-            if status["status"] == "failed":
-                raise JobFailed(job_id, status.get("error") or "no reason given")
-            if status["status"] == "finished":
+            if waiter.settled(status):
                 return status
-            if deadline is not None and time.monotonic() > deadline:
-                raise JobError(
-                    f"explanation job {job_id} is still {status['status']} after "
-                    f"{timeout:.0f} s; is a `lantern worker` running?"
-                )
             time.sleep(interval)
 
     def download(self, path: str, dest: Path) -> Path:
         """Fetch an artifact (a "/jobs/<id>/<file>" url from a manifest) into `dest`,
         atomically: a half-written file never carries the final name."""
-        content = self._request("GET", path).content
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        partial = dest.with_name(dest.name + ".part")
-        partial.write_bytes(content)
-        partial.replace(dest)
-        return dest
+        return _save(self._request(Call("GET", path, {})).content, dest)
+
+    def download_all(self, status: dict[str, Any], folder: Path) -> list[Path]:
+        """Every artifact of a finished job (its status, e.g. from wait()) into `folder`."""
+        return [self.download(url, dest) for url, dest in _job_folder(status, folder)]
 
     # --- plumbing -------------------------------------------------------------------------
 
-    def _json(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
-        response = self._request(method, path, **kwargs)
-        try:
-            body = response.json()
-        except ValueError:
-            body = None
-        if not isinstance(body, dict):
-            raise ServiceError(
-                f"{self.url}{path} did not answer with JSON; is this a Lantern service?",
-                response.status_code,
-            )
-        return body
+    def _json(self, call: Call) -> dict[str, Any]:
+        return self._api.json(self._request(call), call.path)
 
-    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        try:
-            response = self._http.request(method, path, **kwargs)
-        except httpx.TimeoutException:
-            raise ServiceUnreachable(
-                f"the Lantern service at {self.url} did not answer in time; it may be "
-                "overloaded: retry, or send fewer images per request"
-            ) from None
-        except httpx.TransportError as e:
-            raise ServiceUnreachable(
-                f"cannot reach the Lantern service at {self.url} ({_reason(e)}); start it "
-                "with `lantern up` (or `lantern serve`), or pass --url"
-            ) from None
-        if response.status_code >= 400:
-            message = _error_message(response)
-            if response.status_code == 401:
-                raise Unauthorized(
-                    f"the Lantern service at {self.url} refused the request: {message} "
-                    f"(pass --api-key, or set {API_KEY_ENV})"
-                )
-            if response.status_code < 500:
-                raise RequestRejected(message, response.status_code)
-            raise ServiceError(
-                f"the service failed ({response.status_code}): {message}", response.status_code
-            )
-        return response
+    def _request(self, call: Call) -> httpx.Response:
+        started = time.monotonic()
+        attempt = 1
+        while True:
+            try:
+                response = self._http.request(call.method, call.path, **call.kwargs)
+            except httpx.TransportError as e:
+                raise self._api.transport_error(e) from None
+            wait = self._api.retry.delay(response, attempt, time.monotonic() - started)
+            if wait is None:
+                return self._api.checked(response, attempt)
+            time.sleep(wait)
+            attempt += 1
+
+
+class AsyncLanternClient:
+    """The async twin of LanternClient (httpx.AsyncClient): the same calls, answers,
+    errors and retries, awaited. `async with AsyncLanternClient(url) as client: ...`"""
+
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        api_key: str | None = None,
+        retry: RetryPolicy | None = None,
+    ):
+        self._api = _Api(url, api_key, retry)
+        self.url = self._api.url
+        self._http = httpx.AsyncClient(
+            base_url=self.url, timeout=timeout, headers=self._api.headers
+        )
+
+    async def __aenter__(self) -> AsyncLanternClient:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def predict(self, image: ImageFile, top_k: int = 5) -> dict[str, Any]:
+        """See LanternClient.predict."""
+        return await self._json(_Api.predict(image, top_k))
+
+    async def predict_batch(
+        self, images: Sequence[ImageFile], top_k: int = 5
+    ) -> list[dict[str, Any]]:
+        """See LanternClient.predict_batch."""
+        return list((await self._json(_Api.predict_batch(images, top_k)))["predictions"])
+
+    async def explain(
+        self,
+        images: Sequence[ImageFile],
+        methods: Sequence[str] = ("gradcam",),
+        targets: Sequence[int | str | None] | None = None,
+        layer: str | None = None,
+        activation_layer: str | None = None,
+        *,
+        model: str | None = None,
+        faithfulness: bool = False,
+        force: bool = False,
+    ) -> dict[str, Any]:
+        """See LanternClient.explain."""
+        call = _Api.explain(
+            images, methods, targets, layer, activation_layer, model, faithfulness, force
+        )
+        return await self._json(call)
+
+    async def job(self, job_id: str) -> dict[str, Any]:
+        """See LanternClient.job."""
+        return await self._json(_Api.job(job_id))
+
+    async def wait(
+        self,
+        job_id: str,
+        timeout: float | None = None,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+        interval: float = POLL_INTERVAL_S,
+    ) -> dict[str, Any]:
+        """See LanternClient.wait."""
+        waiter = _Waiter(job_id, timeout, on_progress)
+        while True:
+            status = await self.job(job_id)
+            if waiter.settled(status):
+                return status
+            await asyncio.sleep(interval)
+
+    async def download(self, path: str, dest: Path) -> Path:
+        """See LanternClient.download."""
+        return _save((await self._request(Call("GET", path, {}))).content, dest)
+
+    async def download_all(self, status: dict[str, Any], folder: Path) -> list[Path]:
+        """See LanternClient.download_all."""
+        return [await self.download(url, dest) for url, dest in _job_folder(status, folder)]
+
+    async def _json(self, call: Call) -> dict[str, Any]:
+        return self._api.json(await self._request(call), call.path)
+
+    async def _request(self, call: Call) -> httpx.Response:
+        started = time.monotonic()
+        attempt = 1
+        while True:
+            try:
+                response = await self._http.request(call.method, call.path, **call.kwargs)
+            except httpx.TransportError as e:
+                raise self._api.transport_error(e) from None
+            wait = self._api.retry.delay(response, attempt, time.monotonic() - started)
+            if wait is None:
+                return self._api.checked(response, attempt)
+            await asyncio.sleep(wait)
+            attempt += 1
 
 
 def _error_message(response: httpx.Response) -> str:

@@ -158,7 +158,9 @@ async def _invalid_parameter(_: Request, exc: RequestValidationError) -> JSONRes
 async def _overloaded(_: Request, exc: Overloaded) -> JSONResponse:
     """The request waited too long for the model (LANTERN_MAX_LATENCY_MS), or shutdown."""
     return JSONResponse(
-        {"error": "the model is overloaded right now; retry in a moment"}, status_code=503
+        {"error": "the model is overloaded right now; retry in a moment"},
+        status_code=503,
+        headers={"Retry-After": "1"},  # lantern.client waits this long, then retries
     )
 
 

@@ -178,9 +178,13 @@ class Explanations:
         )
 
     def submit(
-        self, images: list[tuple[str | None, bytes]], options: ExplainOptions
+        self,
+        images: list[tuple[str | None, bytes]],
+        options: ExplainOptions,
+        request_id: str | None = None,
     ) -> tuple[dict[str, Any], bool]:
-        """(status, created): a new job, or the identical one that exists already."""
+        """(status, created): a new job, or the identical one that exists already. A new
+        job records `request_id` (the HTTP request that asked for it) in its metadata."""
         names = image_names([filename for filename, _ in images])
         named = list(zip(names, (data for _, data in images), strict=True))
         with _queue_errors():
@@ -197,6 +201,7 @@ class Explanations:
                 settings=self.settings,
                 faithfulness=options.faithfulness,
                 force=options.force,
+                request_id=request_id,
             )
         if created:
             return {"job_id": job_id, "status": JobStatus.QUEUED}, True

@@ -206,3 +206,36 @@ class ApiKeyMiddleware:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+
+# --- request ids --------------------------------------------------------------------------
+
+
+class RequestIdMiddleware:
+    """Every request gets an id: its own `X-Request-ID` when that is short and safe
+    (lantern.core.logs.REQUEST_ID_RE), otherwise a new one. It is echoed in the response's
+    `X-Request-ID`, tags every log line written while the request runs (BentoML's access
+    line for it included: that middleware is outside this one, but it logs from inside
+    the `send` this one wraps), and /explain stores it in the job it enqueues."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        from lantern.core.logs import REQUEST_ID_HEADER, log_context, request_id_from
+
+        if scope.get("type") != "http":
+            await self.app(scope, receive, send)
+            return
+        header = REQUEST_ID_HEADER.lower().encode()
+        sent = next((v for k, v in scope.get("headers") or [] if k.lower() == header), None)
+        request_id = request_id_from(sent.decode("latin-1") if sent is not None else None)
+
+        async def send_with_id(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != header]
+                message = {**message, "headers": [*headers, (header, request_id.encode())]}
+            await send(message)
+
+        with log_context(request_id=request_id):
+            await self.app(scope, receive, send_with_id)

@@ -12,18 +12,21 @@ service.api.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import anyio
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 
+from lantern.core.logs import current_request_id
 from service.dependencies import CurrentService
 from service.explanations import ExplainOptions, parse_options
 from service.openapi import ARTIFACT_RESPONSES, EXPLAIN_RESPONSES, JOB_RESPONSES
 from service.uploads import read_uploads
 
 router = APIRouter()
+log = logging.getLogger("lantern.service")
 
 
 _OPTIONS_DOC = (
@@ -124,8 +127,15 @@ async def explain(
     # not a failed job later.
     await anyio.to_thread.run_sync(lambda: [lantern.decode(u) for u in uploads])
     images = [(u.filename, u.data) for u in uploads]
-    status, created = await anyio.to_thread.run_sync(lantern.explanations.submit, images, options)
+    request_id = current_request_id()  # set by service.gateway.RequestIdMiddleware
+    status, created = await anyio.to_thread.run_sync(
+        lantern.explanations.submit, images, options, request_id
+    )
     job_id = status["job_id"]
+    if created:
+        log.info("queued job %s: %d image(s)", job_id, len(images), extra={"job_id": job_id})
+    else:
+        log.info("found job %s (%s)", job_id, status.get("status"), extra={"job_id": job_id})
     body = {**status, "status_url": f"/jobs/{job_id}", "cached": not created}
     return JSONResponse(body, status_code=202 if created else 200)
 

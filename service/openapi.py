@@ -173,8 +173,9 @@ _RETRY_AFTER = {
         "schema": {"type": "integer", "minimum": 0},
     }
 }
-# QueueUnavailable's 503 carries Retry-After (service.api._queue_down); Overloaded's not.
-for _responses in (EXPLAIN_RESPONSES, JOB_RESPONSES):
+# Every 503 carries Retry-After: QueueUnavailable's (service.api._queue_down, 5 s) and
+# Overloaded's (service.api._overloaded, 1 s).
+for _responses in (EXPLAIN_RESPONSES, JOB_RESPONSES, PREDICT_RESPONSES, PREDICT_BATCH_RESPONSES):
     _responses[503]["headers"] = _RETRY_AFTER
 
 # --- the routes BentoML owns, and the cross-cutting parts ------------------------------

@@ -16,6 +16,8 @@ It never imports torch: the service image does not carry it.
 from __future__ import annotations
 
 import logging
+import sys
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -25,13 +27,14 @@ from PIL import Image
 
 from lantern.core.bundle import Bundle, describe_int8, load_bundle
 from lantern.core.images import decode_image
+from lantern.core.logs import configure_logging
 from lantern.core.settings import Settings, get_settings
 from service import classifier
 from service.api import app
 from service.batcher import MicroBatcher
 from service.error_bodies import ErrorBodies
 from service.explanations import Explanations
-from service.gateway import ApiKeyMiddleware, install_templated_metrics
+from service.gateway import ApiKeyMiddleware, RequestIdMiddleware, install_templated_metrics
 from service.memory import MallocTrimmer, decode_threads, patch_timeout_middleware
 from service.metrics import record_batch, record_model_info
 from service.openapi import OpenAPIDocument
@@ -39,6 +42,31 @@ from service.status_api import ExplainProbe
 from service.uploads import Upload
 
 log = logging.getLogger("lantern.service")
+
+
+def _in_bentoml_server() -> bool:
+    """Whether this process is one of BentoML's (`bentoml serve`, or a server worker that
+    `_bentoml_impl.worker.service` started), rather than e.g. a test importing the module."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    name = getattr(spec, "name", "") or ""
+    return name.startswith(("bentoml", "_bentoml_impl")) or Path(sys.argv[0]).name == "bentoml"
+
+
+def _adopt_logging() -> None:
+    """Lantern's one log format in BentoML's processes (lantern.core.logs).
+
+    A server worker applies BentoML's logging config (its own format, on stdout) before it
+    imports this module, so replacing it here, at import, covers every line after that;
+    Lantern.__init__ does it again in case anything re-applied BentoML's config since.
+    Root stays at WARNING as BentoML had it; Lantern's, BentoML's (the access log) and
+    RQ's loggers log INFO.
+    """
+    if _in_bentoml_server():
+        configure_logging(level=logging.INFO, root_level=logging.WARNING)
+
+
+_adopt_logging()
 
 # BentoML's per-request timeout timer otherwise keeps every request alive for 300 s.
 patch_timeout_middleware()
@@ -54,6 +82,7 @@ class Lantern:
     """Lantern: image classification from the registered ONNX model."""
 
     def __init__(self) -> None:
+        _adopt_logging()
         _show_lantern_logs()
         # The settings are read here, when BentoML starts the service, not at import.
         self.settings: Settings = get_settings()
@@ -152,6 +181,8 @@ install_templated_metrics()
 # First in the list is outermost: keys are checked before any other Lantern middleware
 # (one that serves a route itself, like /docs.json, included).
 Lantern.middlewares.insert(0, (ApiKeyMiddleware, {}))  # type: ignore[attr-defined]
+# Outside the keys: a refused request has an id too, and its 401 carries it.
+Lantern.middlewares.insert(0, (RequestIdMiddleware, {}))  # type: ignore[attr-defined]
 
 
 # /docs.json: Lantern's own OpenAPI document instead of BentoML's template (service.openapi).

@@ -28,13 +28,21 @@ class Stack:
         return self.server.url
 
 
-def start_stack(tag: str, tmp: Path, server_env: dict[str, str] | None = None) -> Stack:
-    """`server_env`: more environment for `lantern serve` only (e.g. LANTERN_API_KEYS)."""
+def start_stack(
+    tag: str,
+    tmp: Path,
+    server_env: dict[str, str] | None = None,
+    env: dict[str, str] | None = None,
+) -> Stack:
+    """`server_env`: more environment for `lantern serve` only (e.g. LANTERN_API_KEYS);
+    `env`: for both the worker and the server (e.g. LANTERN_LOG_FORMAT)."""
     redis = start_redis(tmp / "redis")
     artifacts = tmp / "artifacts"
-    env = worker_env(redis.url, artifacts, tag)
+    common = env or {}
+    env = worker_env(redis.url, artifacts, tag, **common)
     worker = start_worker(env, tmp / "worker.log")
     shared = {k: env[k] for k in ("REDIS_URL", "LANTERN_ARTIFACT_DIR", "LANTERN_QUEUE")}
+    shared.update(common)
     server = start_server(tag, tmp / "server.log", extra_env={**shared, **(server_env or {})})
     _wait_for_worker(redis.url, worker, tmp / "worker.log")
     return Stack(redis, worker, server, artifacts, env)

@@ -233,6 +233,7 @@ def test_an_overloaded_model_answers_503_with_a_json_error(client: TestClient) -
         r = client.post("/predict", files={"image": ("b.png", png())})
         assert r.status_code == 503, r.text
         assert set(r.json()) == {"error"} and "overloaded" in r.json()["error"]
+        assert r.headers["Retry-After"] == "1"  # what lantern.client waits before retrying
     finally:
         release.set()
         running.join(10)

@@ -104,6 +104,13 @@ def run_job(
         make_method(m, request.layer, request.effective_activation_layer) for m in request.methods
     ]
     n = len(originals)
+    log.info(
+        "explaining %d image(s) with %s on %s: %s",
+        n,
+        loaded.bundle.tag,
+        loaded.device,
+        ", ".join(m.value for m in request.methods),
+    )
     _progress(job, context, 0, n)
 
     entries: list[dict[str, Any]] = []
@@ -137,6 +144,7 @@ def run_job(
     if request.faithfulness:
         manifest["faithfulness"] = faithfulness.describe()
     write_manifest(store, job_id, manifest)
+    log.info("job %s: %d image(s) explained, manifest written", job_id, n)
     return {"manifest": "manifest.json", "images": n, "model": loaded.bundle.tag}
 
 

@@ -49,7 +49,8 @@ from rq.utils import current_timestamp, now, utcformat
 
 from lantern.core.errors import LanternError
 from lantern.core.job_metrics import record_job
-from lantern.core.jobs import META_ERROR, explain_queue
+from lantern.core.jobs import META_ERROR, META_REQUEST_ID, explain_queue
+from lantern.core.logs import log_context, valid_request_id
 from lantern.core.redis_retry import REDIS_ERRORS, retry_redis
 from lantern.core.safe_job import LanternJob, refusal
 from lantern.core.settings import Settings
@@ -120,14 +121,19 @@ class ExplainWorker(SimpleWorker):
         return HEARTBEATS_BEFORE_ABANDONED * int(self.job_monitoring_interval)
 
     def execute_job(self, job: Job, queue: Queue) -> None:
-        execution = self._redis("record the start of a job", lambda: self.prepare_execution(job))
-        self._job_started = time.monotonic()
-        self._beat = _Heartbeat(self, job, execution, float(self.job_monitoring_interval))
-        try:
-            self.perform_job(job, queue, execution)
-        finally:
-            self._beat.stop()
-            self._beat = None
+        # Every line logged while the job runs (RQ's, the task's) names the job and the
+        # HTTP request that enqueued it (job.meta, lantern.core.jobs.META_REQUEST_ID).
+        with log_context(request_id=_request_id(job), job_id=job.id):
+            execution = self._redis(
+                "record the start of a job", lambda: self.prepare_execution(job)
+            )
+            self._job_started = time.monotonic()
+            self._beat = _Heartbeat(self, job, execution, float(self.job_monitoring_interval))
+            try:
+                self.perform_job(job, queue, execution)
+            finally:
+                self._beat.stop()
+                self._beat = None
         self.set_state("idle")
 
     def perform_job(self, job: Job, queue: Queue, execution: Execution) -> bool:
@@ -242,6 +248,15 @@ class ExplainWorker(SimpleWorker):
                 self.log.info("Worker %s: expired artifacts of %d job(s)", self.name, len(removed))
         except OSError:
             self.log.exception("Worker %s: artifact expiry failed", self.name)
+
+
+def _request_id(job: Job) -> str | None:
+    """The enqueuing request's id from the job's metadata, if it is a well-formed one."""
+    try:
+        value = (job.meta or {}).get(META_REQUEST_ID)
+    except Exception:  # an unreadable record: refused later, logged without an id
+        return None
+    return valid_request_id(value) if isinstance(value, str) else None
 
 
 def _image_count(job: Job) -> int:

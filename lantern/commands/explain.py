@@ -56,6 +56,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def resume_hint(args: argparse.Namespace, argv: list[str]) -> str:
+    """Ctrl-C: a re-run skips every image whose result.json in --out matches (lantern.batch)."""
+    from lantern.cli import rerun_command
+
+    return (
+        f"run the same command again to resume (images already explained in {args.out} "
+        f"are not sent again): {rerun_command(argv)}"
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     from lantern.batch import BatchOptions, explain_images
     from lantern.client import LanternClient, collect_images, quiet_http_logs

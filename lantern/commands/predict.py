@@ -59,6 +59,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def resume_hint(args: argparse.Namespace, argv: list[str]) -> str:
+    """Ctrl-C: with --out, a re-run keeps the CSV's answered rows and sends only the rest."""
+    from lantern.cli import rerun_command
+
+    if args.out is None:
+        return (
+            "nothing was saved without --out; to make a run resumable, add --out DIR: "
+            f"{rerun_command([*argv, '--out', 'predictions'])}"
+        )
+    return (
+        f"run the same command again to resume (images already in {args.out / CSV_FILE} "
+        f"are not sent again): {rerun_command(argv)}"
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -46,7 +47,10 @@ def run(args: argparse.Namespace) -> int:
         sys.executable, "-m", "bentoml", "serve", SERVICE,
         "--host", args.host, "--port", str(args.port),
     ]  # fmt: skip
-    print(f"serving {bundle.tag} on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
+    # A log line (LANTERN_LOG_FORMAT), like every other line the server writes.
+    logging.getLogger("lantern.serve").info(
+        "serving %s on http://%s:%d", bundle.tag, args.host, args.port
+    )
     # exec, not a child: signals from a terminal, docker or a test reach the server directly.
     os.execvpe(command[0], command, env)
     return 0  # not reached

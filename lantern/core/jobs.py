@@ -12,6 +12,11 @@
                    faithfulness curves are wanted; an identical request names the same job,
                    so find_or_enqueue() reuses a finished one (unless forced to recompute)
     progress       job.meta["progress"] = {"done": images done, "total": images}
+    request id     job.meta["request_id"], optional: the id of the HTTP request that
+                   enqueued the job (its X-Request-ID, or one the API generated;
+                   lantern.core.logs), which the worker puts on its log lines for the job.
+                   Metadata, not payload: the job's one argument stays the ExplainRequest,
+                   and a job without it (older API, another client) runs the same
     results        the artifact store (lantern.core.store) under the job id; manifest.json last
     status         job_status() -> JobStatus + progress + a readable error + the manifest
 
@@ -54,6 +59,7 @@ IMAGE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 LAYER_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*")
 META_PROGRESS = "progress"
 META_ERROR = "error"
+META_REQUEST_ID = "request_id"
 
 
 class Method(StrEnum):
@@ -369,8 +375,10 @@ def enqueue_explain(
     request: ExplainRequest,
     job_id: str,
     settings: Settings,
+    request_id: str | None = None,
 ) -> Job:
-    """Put `request` on the queue as job `job_id`; DuplicateJobError if it already exists."""
+    """Put `request` on the queue as job `job_id`; DuplicateJobError if it already exists.
+    `request_id` goes into job.meta (META_REQUEST_ID) when given."""
     from rq import Retry
 
     if not is_explain_job_id(job_id):
@@ -383,7 +391,10 @@ def enqueue_explain(
         unique=True,
         description=f"explain {n} image(s) with {request.model}: "
         f"{', '.join(m.value for m in request.methods)}",
-        meta={META_PROGRESS: {"done": 0, "total": n}},
+        meta={
+            META_PROGRESS: {"done": 0, "total": n},
+            **({META_REQUEST_ID: request_id} if request_id else {}),
+        },
         job_timeout=settings.job_timeout_seconds,
         ttl=settings.job_ttl_seconds,  # longest it may wait in the queue
         result_ttl=settings.job_ttl_seconds,
@@ -405,6 +416,7 @@ def find_or_enqueue(
     settings: Settings,
     faithfulness: bool = False,
     force: bool = False,
+    request_id: str | None = None,
 ) -> tuple[str, bool]:
     """(job id, whether a new job was enqueued).
 
@@ -414,7 +426,8 @@ def find_or_enqueue(
     job and its files (manifest first) are deleted and it is enqueued afresh under the
     same id; one still queued or running is returned as it is, since it is being
     computed now. `model` should be a concrete version, not ':latest', or the id cannot
-    tell model versions apart.
+    tell model versions apart. `request_id` is recorded in the metadata of a job enqueued
+    now (a job found instead keeps the id of the request that enqueued it).
     """
     from rq.exceptions import DuplicateJobError
 
@@ -441,7 +454,7 @@ def find_or_enqueue(
         faithfulness=faithfulness,
     )
     try:
-        enqueue_explain(connection, request, job_id, settings)
+        enqueue_explain(connection, request, job_id, settings, request_id=request_id)
     except DuplicateJobError:  # an identical request enqueued it a moment ago
         return job_id, False
     return job_id, True

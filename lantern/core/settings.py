@@ -110,6 +110,12 @@ class Settings(BaseSettings):
     metrics_public: bool = Field(
         False, description="Leave /metrics open without an API key (for a Prometheus scraper)."
     )
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="Log lines of every Lantern process (API, workers, CLI; BentoML's and "
+        "RQ's lines included): text, or json (one JSON object per line with time, level, "
+        "logger, message, and request_id / job_id when known).",
+    )
 
     def api_key_list(self) -> list[str]:
         """The configured API keys (empty: authentication is off)."""
