@@ -220,3 +220,59 @@ def test_ctrl_c_of_a_batch_command_says_how_to_resume(
     assert last.startswith(f"lantern {command}: interrupted; run the same command again"), err
     assert said in last
     assert last.endswith(f"lantern {' '.join(argv)}"), last
+
+
+# --- the log format, in-process and from the command line ---------------------------------
+
+
+def test_log_lines_carry_the_request_and_job_ids_in_both_formats() -> None:
+    import io
+    import logging
+
+    from lantern.core.logs import configure_logging, log_context
+
+    logger = logging.getLogger("lantern.test")
+    root = logging.getLogger()
+    saved = list(root.handlers), root.level
+    try:
+        for fmt in ("json", "text"):
+            out = io.StringIO()
+            configure_logging(fmt, stream=out)
+            with log_context(request_id="r-1", job_id="ex-1"):
+                logger.info("hello %s", "there")
+            logger.warning("outside")
+            first, second = out.getvalue().splitlines()
+            if fmt == "json":
+                entry = json.loads(first)
+                assert entry["message"] == "hello there" and entry["logger"] == "lantern.test"
+                assert (entry["request_id"], entry["job_id"], entry["level"]) == (
+                    "r-1",
+                    "ex-1",
+                    "INFO",
+                )
+                assert "request_id" not in json.loads(second)
+            else:
+                assert first.endswith("INFO lantern.test: hello there [request_id=r-1 job_id=ex-1]")
+                assert second.endswith("WARNING lantern.test: outside")
+    finally:
+        for handler in list(root.handlers):
+            if getattr(handler, "_lantern", False):
+                root.removeHandler(handler)
+        for handler in saved[0]:
+            if handler not in root.handlers:
+                root.addHandler(handler)
+        root.setLevel(saved[1])
+
+
+def test_a_bad_log_format_is_a_one_line_error(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "lantern.cli", "settings"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO), "LANTERN_LOG_FORMAT": "yaml"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().startswith("lantern settings: error: invalid setting")
+    assert "LANTERN_LOG_FORMAT='yaml'" in done.stderr and len(done.stderr.splitlines()) == 1
