@@ -23,9 +23,11 @@ def save_checkpoint(
     epoch: int = 0,
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: Any = None,
+    extra: dict[str, Any] | None = None,
 ) -> Path:
     """Everything needed to resume training or to export: plain types only, so that
-    `torch.load(..., weights_only=True)` can read it back."""
+    `torch.load(..., weights_only=True)` can read it back. `best.pt` is saved without the
+    optimizer and scheduler (a third of the size); `last.pt` has them, and `extra`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     ckpt: dict[str, Any] = {
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -40,5 +42,8 @@ def save_checkpoint(
         ckpt["optimizer"] = optimizer.state_dict()
     if scheduler is not None:
         ckpt["scheduler"] = scheduler.state_dict()
-    torch.save(ckpt, path)
+    ckpt.update(extra or {})
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(ckpt, tmp)
+    tmp.replace(path)  # an interrupted save never leaves a truncated checkpoint
     return path

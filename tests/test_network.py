@@ -11,6 +11,7 @@ from torch import nn
 from lantern.core.errors import ModelError, UsageError
 from models.network import (
     build_model,
+    build_transfer_model,
     freeze_batchnorm_statistics,
     load_weights,
     trainable_parameter_names,
@@ -63,13 +64,42 @@ def test_a_checkpoint_loads_back_into_the_same_architecture(tmp_path: Path) -> N
     assert torch.equal(model.fc.weight, source.fc.weight)
 
 
-@pytest.mark.parametrize(("arch", "classes"), [("resnet34", 4), ("resnet18", 10)])
-def test_weights_that_do_not_match_the_architecture_are_refused(
-    tmp_path: Path, arch: str, classes: int
-) -> None:
+@pytest.mark.parametrize("arch", ["resnet34", "resnet50"])
+def test_weights_of_another_architecture_are_refused(tmp_path: Path, arch: str) -> None:
     torch.save(build_model("resnet18", 4, weights="none").state_dict(), tmp_path / "w.pt")
     with pytest.raises(ModelError, match=r"do not fit .*--arch"):
-        build_model(arch, classes, weights=str(tmp_path / "w.pt"))
+        build_model(arch, 4, weights=str(tmp_path / "w.pt"))
+
+
+def test_a_checkpoint_with_another_class_count_transfers_its_backbone(tmp_path: Path) -> None:
+    source = build_model("resnet18", 4, weights="none")
+    torch.save({"model": source.state_dict(), "class_names": list("abcd")}, tmp_path / "c.pt")
+    model, transfer = build_transfer_model(
+        "resnet18", 10, weights=str(tmp_path / "c.pt"), class_names=list("0123456789")
+    )
+    assert torch.equal(model.layer4[1].conv2.weight, source.layer4[1].conv2.weight)
+    assert model.fc.out_features == 10  # a new head for the new task
+    assert transfer["kind"] == "checkpoint" and transfer["head"] == "re-initialised"
+    assert transfer["source_classes"] == 4
+    assert transfer["layers_loaded"] == ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4"]
+    backbone = [k for k in model.state_dict() if not k.startswith("fc.")]
+    assert transfer["tensors_loaded"] == len(backbone)
+
+
+def test_a_bundle_directory_transfers_and_the_same_task_keeps_its_head(tmp_path: Path) -> None:
+    source = build_model("resnet18", 4, weights="none")
+    torch.save(source.state_dict(), tmp_path / "weights.pt")
+    (tmp_path / "meta.json").write_text(
+        '{"architecture": "resnet18", "class_names": ["a", "b", "c", "d"]}'
+    )
+    same, t_same = build_transfer_model("resnet18", 4, str(tmp_path), class_names=list("abcd"))
+    assert t_same["kind"] == "bundle" and t_same["head"] == "loaded"
+    assert torch.equal(same.fc.weight, source.fc.weight)
+    # same class count, other classes: another task, so the head starts afresh
+    other, t_other = build_transfer_model("resnet18", 4, str(tmp_path), class_names=list("wxyz"))
+    assert t_other["head"] == "re-initialised"
+    assert not torch.equal(other.fc.weight, source.fc.weight)
+    assert torch.equal(other.conv1.weight, source.conv1.weight)
 
 
 def test_missing_or_garbage_weights_files_are_refused(tmp_path: Path) -> None:
@@ -79,6 +109,11 @@ def test_missing_or_garbage_weights_files_are_refused(tmp_path: Path) -> None:
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ModelError, match="not a PyTorch weights file"):
         load_weights(model, tmp_path / "junk.pt", "resnet18")
+    torch.save(model.state_dict(), tmp_path / "whole.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "whole.pt").read_bytes()[:4096])
+    with pytest.raises(ModelError, match="not a PyTorch weights file") as cut:
+        load_weights(model, tmp_path / "cut.pt", "resnet18")
+    assert "\n" not in str(cut.value)
 
 
 def test_unknown_architecture_mode_and_class_count_are_usage_errors() -> None:
