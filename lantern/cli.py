@@ -23,6 +23,7 @@ from lantern.core.logs import configure_logging
 # Order is the order `lantern --help` lists them in.
 COMMANDS = (
     "train",
+    "runs",
     "export",
     "models",
     "data",

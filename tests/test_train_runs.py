@@ -208,3 +208,33 @@ def test_compare_options_parse_and_refuse_nonsense() -> None:
         parse_modes("head,everything")
     with pytest.raises(UsageError, match="fractions"):
         parse_fractions("0,1.5")
+
+
+def test_runs_lists_compares_and_cleans_real_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lantern.cli import main as cli
+
+    first = main(_tiny(tmp_path, mode="head", epochs=1, keep_last=True))
+    second = main(_tiny(tmp_path, mode="head", epochs=1, lr=0.01))
+    names = [Path(first["run_dir"]).name, Path(second["run_dir"]).name]
+    capsys.readouterr()
+
+    assert cli(["runs", "--out-dir", str(tmp_path), "list", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["run"] for r in rows] == names[::-1]  # newest first
+    assert [r["resumable"] for r in rows] == [False, True]
+    assert rows[0]["best_val_accuracy"] == second["best_val_accuracy"]
+
+    assert cli(["runs", "--out-dir", str(tmp_path), "compare", *names]) == 0
+    table = capsys.readouterr().out
+    assert "≠ optimizer.lr" in table and "≠ schedule.max_lr" in table
+    assert "≠ arch" not in table
+
+    assert cli(["runs", "--out-dir", str(tmp_path), "clean", "--keep", "1"]) == 0
+    assert "would delete" in capsys.readouterr().out
+    assert (Path(first["run_dir"]) / "last.pt").exists()  # a dry run by default
+    assert cli(["runs", "--out-dir", str(tmp_path), "clean", "--keep", "1", "--yes"]) == 0
+    assert not Path(first["run_dir"]).exists() and Path(second["run_dir"]).exists()
+    assert cli(["runs", "--out-dir", str(tmp_path), "compare", "nowhere"]) == 2
+    assert "no finished run" in capsys.readouterr().err
