@@ -17,18 +17,17 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from lantern.core.errors import InputError, JobNotFound, QueueUnavailable
+from service import handlers
 from service.batcher import Overloaded
 from service.dependencies import CurrentService
+from service.handlers import DEFAULT_TOP_K, MAX_TOP_K
 from service.jobs_api import router as jobs_router
 from service.model_api import router as model_router
 from service.openapi import PREDICT_BATCH_RESPONSES, PREDICT_RESPONSES, operation_id
 from service.pages import router as pages_router
 from service.status_api import router as status_router
-from service.uploads import read_uploads
 
 log = logging.getLogger("lantern.service")
-
-MAX_TOP_K = 1000
 
 
 class ClassScore(BaseModel):
@@ -79,7 +78,9 @@ app = FastAPI(
 )
 
 
-TopK = Query(5, ge=1, le=MAX_TOP_K, description="How many of the most probable classes.")
+TopK = Query(
+    DEFAULT_TOP_K, ge=1, le=MAX_TOP_K, description="How many of the most probable classes."
+)
 
 
 @app.post(
@@ -91,16 +92,8 @@ TopK = Query(5, ge=1, le=MAX_TOP_K, description="How many of the most probable c
 )
 async def predict(request: Request, lantern: CurrentService, top_k: int = TopK) -> dict[str, Any]:
     """One image (JPEG, PNG, WebP, BMP, GIF, TIFF) as file field `image`, or as the raw body."""
-    settings = lantern.settings
-    uploads = await read_uploads(
-        request,
-        field="image",
-        max_files=1,
-        max_file_bytes=settings.max_upload_bytes,
-        max_body_bytes=settings.max_upload_bytes + 64 * 1024,  # room for the form framing
-        allow_raw=True,
-    )
-    return (await lantern.predict_uploads(uploads, top_k))[0]
+    uploads = await handlers.read_predict_upload(request, lantern.settings)
+    return await handlers.predict_one(lantern, uploads, top_k)
 
 
 @app.post(
@@ -114,15 +107,8 @@ async def predict_batch(
     request: Request, lantern: CurrentService, top_k: int = TopK
 ) -> dict[str, Any]:
     """Several images as repeated file field `images`; one prediction per image, in order."""
-    settings = lantern.settings
-    uploads = await read_uploads(
-        request,
-        field="images",
-        max_files=settings.max_batch_images,
-        max_file_bytes=settings.max_upload_bytes,
-        max_body_bytes=settings.max_batch_bytes,
-    )
-    return {"predictions": await lantern.predict_uploads(uploads, top_k)}
+    uploads = await handlers.read_batch_uploads(request, lantern.settings)
+    return await handlers.predict_many(lantern, uploads, top_k)
 
 
 app.include_router(jobs_router)
@@ -131,19 +117,13 @@ app.include_router(model_router)
 app.include_router(pages_router)
 
 
+# Lantern's errors become HTTP answers in one place for both doors (service.handlers).
 @app.exception_handler(JobNotFound)
-async def _not_found(_: Request, exc: JobNotFound) -> JSONResponse:
-    return JSONResponse({"error": str(exc)}, status_code=404)
-
-
 @app.exception_handler(QueueUnavailable)
-async def _queue_down(_: Request, exc: QueueUnavailable) -> JSONResponse:
-    return JSONResponse({"error": str(exc)}, status_code=503, headers={"Retry-After": "5"})
-
-
 @app.exception_handler(InputError)
-async def _input_error(_: Request, exc: InputError) -> JSONResponse:
-    return JSONResponse({"error": str(exc)}, status_code=exc.status_code)
+@app.exception_handler(Overloaded)
+async def _lantern_error(_: Request, exc: Exception) -> JSONResponse:
+    return handlers.error_response(exc)
 
 
 @app.exception_handler(RequestValidationError)
@@ -154,20 +134,7 @@ async def _invalid_parameter(_: Request, exc: RequestValidationError) -> JSONRes
     return JSONResponse({"error": "invalid parameter " + "; ".join(problems)}, status_code=422)
 
 
-@app.exception_handler(Overloaded)
-async def _overloaded(_: Request, exc: Overloaded) -> JSONResponse:
-    """The request waited too long for the model (LANTERN_MAX_LATENCY_MS), or shutdown."""
-    return JSONResponse(
-        {"error": "the model is overloaded right now; retry in a moment"},
-        status_code=503,
-        headers={"Retry-After": "1"},  # lantern.client waits this long, then retries
-    )
-
-
 @app.exception_handler(Exception)
 async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
     # A bug, not bad input (Starlette logs the traceback after this response is sent).
-    return JSONResponse(
-        {"error": "internal error while answering the request; see the server log"},
-        status_code=500,
-    )
+    return handlers.error_response(exc)

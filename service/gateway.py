@@ -60,8 +60,9 @@ def _route_patterns() -> tuple[frozenset[str], tuple[tuple[re.Pattern[str], str]
     from starlette.routing import compile_path
 
     from service.api import app
+    from service.native import ROUTES
 
-    exact = set(BENTOML_ROUTES)
+    exact = set(BENTOML_ROUTES) | set(ROUTES.values())  # the @bentoml.api methods' routes
     patterns: list[tuple[re.Pattern[str], str]] = []
     for path in _route_paths(app.routes):
         template = re.sub(r"\{(\w+):\w+\}", r"{\1}", path)

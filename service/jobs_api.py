@@ -19,11 +19,10 @@ import anyio
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 
-from lantern.core.logs import current_request_id
+from service import handlers
 from service.dependencies import CurrentService
-from service.explanations import ExplainOptions, parse_options
+from service.handlers import EXPLAIN_FLAGS, EXPLAIN_OPTIONS
 from service.openapi import ARTIFACT_RESPONSES, EXPLAIN_RESPONSES, JOB_RESPONSES
-from service.uploads import read_uploads
 
 router = APIRouter()
 log = logging.getLogger("lantern.service")
@@ -53,8 +52,6 @@ _OPTIONS_DOC = (
     "random and an insertion AUC above it mean the map points at what the prediction "
     "rests on. Part of the job id."
 )
-_OPTIONS = ("methods", "targets", "layer", "activation_layer", "model", "force", "faithfulness")
-_FLAGS = ("force", "faithfulness")
 
 
 @router.post(
@@ -77,8 +74,8 @@ _FLAGS = ("force", "faithfulness")
                             },
                             # The same options as the query parameters, as text fields.
                             **{
-                                name: {"type": "boolean" if name in _FLAGS else "string"}
-                                for name in _OPTIONS
+                                name: {"type": "boolean" if name in EXPLAIN_FLAGS else "string"}
+                                for name in EXPLAIN_OPTIONS
                             },
                         },
                         "required": ["images"],
@@ -101,16 +98,8 @@ async def explain(
         None, description="score each map with deletion/insertion curves"
     ),
 ) -> Response:
-    settings = lantern.settings
     form: dict[str, str] = {}
-    uploads = await read_uploads(
-        request,
-        field="images",
-        max_files=settings.max_images_per_job,
-        max_file_bytes=settings.max_upload_bytes,
-        max_body_bytes=settings.max_batch_bytes,
-        fields=form,
-    )
+    uploads = await handlers.read_explain_uploads(request, lantern.settings, fields=form)
     query = {
         "methods": methods,
         "targets": targets,
@@ -121,23 +110,8 @@ async def explain(
         "faithfulness": None if faithfulness is None else str(faithfulness).lower(),
     }
     params = {**form, **{k: v for k, v in query.items() if v is not None}}
-    bundle = await anyio.to_thread.run_sync(lantern.explanations.resolve_model, params.get("model"))
-    options: ExplainOptions = parse_options(params, len(uploads), bundle.class_names, bundle)
-    # The same checks as /predict, before anything is queued: a bad image is a 4xx now,
-    # not a failed job later.
-    await anyio.to_thread.run_sync(lambda: [lantern.decode(u) for u in uploads])
-    images = [(u.filename, u.data) for u in uploads]
-    request_id = current_request_id()  # set by service.gateway.RequestIdMiddleware
-    status, created = await anyio.to_thread.run_sync(
-        lantern.explanations.submit, images, options, request_id
-    )
-    job_id = status["job_id"]
-    if created:
-        log.info("queued job %s: %d image(s)", job_id, len(images), extra={"job_id": job_id})
-    else:
-        log.info("found job %s (%s)", job_id, status.get("status"), extra={"job_id": job_id})
-    body = {**status, "status_url": f"/jobs/{job_id}", "cached": not created}
-    return JSONResponse(body, status_code=202 if created else 200)
+    body, status = await handlers.submit_explanation(lantern, uploads, params)
+    return JSONResponse(body, status_code=status)
 
 
 @router.get(
@@ -146,7 +120,7 @@ async def explain(
     summary="Status, progress and results of an explanation job",
 )
 async def job(job_id: str, lantern: CurrentService) -> dict[str, Any]:
-    return await anyio.to_thread.run_sync(lantern.explanations.status, job_id)
+    return await handlers.job_status(lantern, job_id)
 
 
 @router.get(

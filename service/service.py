@@ -29,8 +29,8 @@ from lantern.core.bundle import Bundle, describe_int8, load_bundle
 from lantern.core.images import decode_image
 from lantern.core.logs import configure_logging
 from lantern.core.settings import Settings, get_settings
-from service import classifier
-from service.api import app
+from service import classifier, native
+from service.api import BatchPrediction, Prediction, app
 from service.batcher import MicroBatcher
 from service.error_bodies import ErrorBodies
 from service.explanations import Explanations
@@ -147,6 +147,54 @@ class Lantern:
         )
         probabilities = await self.batcher.submit(batch)
         return [self.answer(row, k) for row in probabilities]
+
+    # --- the BentoML-native door (service.native): bentoml.SyncHTTPClient, bentoml.depends.
+    # The same operations as the FastAPI routes, on routes of their own under /v1.
+
+    @bentoml.api(route=native.ROUTES["predict"], input_spec=native.PredictInput)
+    async def predict(self, image: Path, top_k: int = 5, *, ctx: bentoml.Context) -> Prediction:
+        """Classify one image: the most probable class, the top-k ranking, the model
+        version and precision. Errors are 4xx/503 with a JSON body {"error": "..."}."""
+        return await native.predict(self, ctx, image, top_k)
+
+    @bentoml.api(route=native.ROUTES["predict_batch"], input_spec=native.PredictBatchInput)
+    async def predict_batch(
+        self, images: list[Path], top_k: int = 5, *, ctx: bentoml.Context
+    ) -> BatchPrediction:
+        """Classify several images: one prediction per image, in order."""
+        return await native.predict_batch(self, ctx, images, top_k)
+
+    @bentoml.api(route=native.ROUTES["explain"], input_spec=native.ExplainInput)
+    async def explain(
+        self,
+        images: list[Path],
+        methods: str | None = None,
+        targets: str | None = None,
+        layer: str | None = None,
+        activation_layer: str | None = None,
+        model: str | None = None,
+        force: bool = False,
+        faithfulness: bool = False,
+        *,
+        ctx: bentoml.Context,
+    ) -> dict[str, Any]:
+        """Queue an explanation job (as POST /explain): {job_id, status, status_url,
+        cached}; poll job_status(job_id=...) for progress and the manifest."""
+        options = {
+            "methods": methods,
+            "targets": targets,
+            "layer": layer,
+            "activation_layer": activation_layer,
+            "model": model,
+            "force": force,
+            "faithfulness": faithfulness,
+        }
+        return await native.explain(self, ctx, images, options)
+
+    @bentoml.api(route=native.ROUTES["job_status"], input_spec=native.JobStatusInput)
+    async def job_status(self, job_id: str, *, ctx: bentoml.Context) -> dict[str, Any]:
+        """Status, progress, readable error and (when finished) the manifest of a job."""
+        return await native.job_status(self, ctx, job_id)
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         """Class probabilities (N, classes) for preprocessed images (N, 3, H, W)."""

@@ -155,3 +155,26 @@ def _how_to_send(field: str, allow_raw: bool) -> str:
     if allow_raw:
         how += " or the raw image bytes with an image/* Content-Type"
     return how
+
+
+async def read_json_object(request: Request, *, max_body_bytes: int) -> dict[str, object]:
+    """The request's JSON object body (application/json), read within `max_body_bytes`.
+
+    Raises InputError (400) for a body that is not a JSON object, PayloadTooLarge (413),
+    UnsupportedMediaType (415) for another Content-Type.
+    """
+    import json
+
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type not in ("application/json", ""):
+        raise UnsupportedMediaType(
+            f"unsupported Content-Type {media_type!r}; send a JSON object (application/json)"
+        )
+    body = b"".join([chunk async for chunk in _limited_body(request, max_body_bytes)])
+    try:
+        value = json.loads(body)
+    except ValueError:
+        raise InputError("the request body is not JSON; send a JSON object") from None
+    if not isinstance(value, dict):
+        raise InputError(f"the request body must be a JSON object, not {type(value).__name__}")
+    return value

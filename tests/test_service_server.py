@@ -160,7 +160,9 @@ def test_bad_input_gets_a_json_4xx_and_the_server_keeps_serving(lantern_server: 
     # and none of it was a 500: the server's own request counter has no 5xx series
     metrics = httpx.get(lantern_server.url + "/metrics", timeout=10).text
     assert 'bentoml_service_request_total{endpoint="/predict"' in metrics
-    assert not re.search(r'http_response_code="5\d\d"', metrics), "a request got a 5xx"
+    # (BentoML pre-creates a zero 500 series for each @bentoml.api route: count, not names.)
+    served_5xx = re.findall(r'http_response_code="5\d\d"[^}]*\} ([0-9.e+]+)', metrics)
+    assert not any(float(n) for n in served_5xx), "a request got a 5xx"
 
 
 def test_no_process_of_the_server_loads_torch(lantern_server: Server) -> None:
