@@ -4,6 +4,8 @@ preprocessing spec and the job contract live.
 
 service.py       the BentoML service: `bentoml serve service.service:Lantern`
 api.py           the FastAPI app: /predict, /predict_batch; errors become JSON here
+handlers.py      each operation once, for both doors: upload limits, work, error bodies
+native.py        the BentoML-native door: @bentoml.api methods at /v1/... (BentoML clients)
 jobs_api.py      /explain and /jobs: asynchronous explanations
 status_api.py    /status, and the explanation side of /metrics
 pages.py         the web page (/), the API docs page (/docs) and their static files

@@ -241,7 +241,15 @@ TAGS = [
     {"name": "explanations", "description": "Asynchronous Grad-CAM, saliency, activations."},
     {"name": "service", "description": "Health, readiness and metrics."},
 ]
-_TAG_OF = {"/predict": "predictions", "/predict_batch": "predictions", "/explain": "explanations"}
+_TAG_OF = {
+    "/predict": "predictions",
+    "/predict_batch": "predictions",
+    "/explain": "explanations",
+    "/v1/predict": "predictions",
+    "/v1/predict_batch": "predictions",
+    "/v1/explain": "explanations",
+    "/v1/job_status": "explanations",
+}
 
 DESCRIPTION = """\
 Image classification that shows its reasoning. `POST /predict` (one image) and
@@ -262,6 +270,72 @@ every route except `/livez` and `/readyz` (and `/metrics` when `LANTERN_METRICS_
 is true) needs `Authorization: Bearer <key>` or `X-API-Key: <key>`, and answers 401 with
 the error body without one.
 """
+
+
+# --- the BentoML-native door (service.native): the same operations under /v1 -------------
+
+_NATIVE_NOTE = (
+    " The same operation as `{twin}`, for BentoML's clients (`bentoml.SyncHTTPClient`, "
+    "`bentoml.AsyncHTTPClient`, `bentoml.depends`): parameters are form fields (or JSON), "
+    "not query parameters; answers and errors are the same."
+)
+# No type or bounds in the schema: a form field is text, and it is read after the images,
+# so a request that is also over the image limit answers that 413 first.
+_TOP_K_FIELD = {
+    "default": 5,
+    "description": "How many of the most probable classes: an integer from 1 to 1000 "
+    "(default 5); anything else is a 422.",
+}
+_JOB_ID_BODY = {
+    "required": True,
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "properties": {"job_id": {"type": "string", "description": "`ex-` and 32 hex."}},
+                "required": ["job_id"],
+            }
+        }
+    },
+}
+# /v1 route -> (its FastAPI twin, that twin's method, operationId)
+NATIVE_TWINS = {
+    "/v1/predict": ("/predict", "post", "v1_predict"),
+    "/v1/predict_batch": ("/predict_batch", "post", "v1_predict_batch"),
+    "/v1/explain": ("/explain", "post", "v1_explain"),
+    "/v1/job_status": ("/jobs/{job_id}", "get", "v1_job_status"),
+}
+
+
+def native_paths(paths: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The /v1 operations, made from their FastAPI twins' documentation (same answers)."""
+    native: dict[str, dict[str, Any]] = {}
+    for route, (twin, method, op_id) in NATIVE_TWINS.items():
+        operation = copy.deepcopy(paths[twin][method])
+        operation.pop("parameters", None)
+        operation["operationId"] = op_id
+        operation["summary"] = operation.get("summary", "") + " (BentoML client)"
+        operation["description"] = (
+            operation.get("description", "") + _NATIVE_NOTE.format(twin=twin)
+        ).strip()
+        if twin == "/jobs/{job_id}":
+            operation["requestBody"] = copy.deepcopy(_JOB_ID_BODY)
+            more = {
+                400: "Not a JSON object, no string `job_id`, or not a job id",
+                413: "A body over 64 KiB",
+                415: "Not application/json",
+            }
+            for status, description in more.items():
+                operation["responses"][str(status)] = {
+                    "description": description,
+                    "content": {"application/json": {"schema": ERROR_REF}},
+                }
+        else:
+            form = operation["requestBody"]["content"]["multipart/form-data"]["schema"]
+            if twin != "/explain":
+                form["properties"]["top_k"] = dict(_TOP_K_FIELD)
+        native[route] = {"post": operation}
+    return native
 
 
 def operation_id(route: APIRoute) -> str:
@@ -287,6 +361,7 @@ def build_document(app: FastAPI) -> dict[str, Any]:
     )
     paths: dict[str, dict[str, Any]] = doc["paths"]
     paths.update(copy.deepcopy(PROBE_PATHS))
+    paths.update(native_paths(paths))
     for path, item in paths.items():
         for operation in item.values():
             responses = operation["responses"]

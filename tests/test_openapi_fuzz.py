@@ -82,6 +82,10 @@ OPERATIONS = {
     "GET /livez",
     "GET /readyz",
     "GET /metrics",
+    "POST /v1/predict",
+    "POST /v1/predict_batch",
+    "POST /v1/explain",
+    "POST /v1/job_status",
 }
 
 # Uploads: real images (valid, huge, zero-sized, truncated) as often as random bytes.
