@@ -13,7 +13,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export BENTOML_DO_NOT_TRACK := true
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help install up test bench soak lint typecheck check clean
+.PHONY: help install up test bench soak lint typecheck check clean lock compose-test
 
 help:
 	@echo "make up      start Redis, an explanation worker and the API on http://127.0.0.1:3000"
@@ -21,20 +21,30 @@ help:
 	@echo "make bench   prediction and explanation benchmarks (writes nothing outside /tmp)"
 	@echo "make soak    memory soak: RSS of the API over 10,000 /predict requests (BENCHMARKS.md)"
 	@echo "make lint    ruff;  make typecheck  mypy;  make check  both"
+	@echo "make compose-test  build the Docker images and run the compose stack end to end"
+	@echo "make lock    re-resolve constraints.txt (the pinned versions tests and images install)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 # torch and torchvision come from the package index as a matching pair (pyproject.toml pins
-# both ranges); the CUDA build runs on CPU too.
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
+# both ranges); the CUDA build runs on CPU too. constraints.txt pins every package to the
+# version the tests ran; the Docker images install from the same file.
+$(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python
 	$(BIN)/python -m pip install --upgrade "pip>=24"
-	$(BIN)/python -m pip install -e ".[dev]"
+	$(BIN)/python -m pip install -c constraints.txt -e ".[dev]"
 	@touch $@
 
 $(VENV)/.installed-bench: $(VENV)/.installed
-	$(BIN)/python -m pip install -e ".[dev,bench]"
+	$(BIN)/python -m pip install -c constraints.txt -e ".[dev,bench]"
 	@touch $@
+
+# The newest releases pyproject.toml allows, resolved once and written down. Run `make test`
+# (and `make compose-test`) after it, and commit constraints.txt with what they proved.
+lock: | $(BIN)/python
+	$(BIN)/python -m pip install --dry-run --ignore-installed --quiet \
+	  --report $(VENV)/lock-report.json ".[dev,bench]"
+	$(BIN)/python deploy/lock.py $(VENV)/lock-report.json > constraints.txt
 
 install: $(VENV)/.installed
 
@@ -67,6 +77,12 @@ typecheck: install
 	$(BIN)/mypy
 
 check: lint typecheck
+
+# Real containers: dockerd (started if it is not running), Compose v2, images built from
+# this tree, the CPU stack up, a prediction and an explanation through the published port,
+# Redis restarted, everything torn down (deploy/compose_e2e.py says each step).
+compose-test: install
+	$(BIN)/python deploy/compose_e2e.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
