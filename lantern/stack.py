@@ -86,7 +86,7 @@ class Stack:
             api = [*API_COMMAND, "--host", self.host, "--port", str(self.port)]
             self._add("api", self._lantern_starter(api, env))
             self._wait_until_ready()
-            self._announce(env)
+            self._announce(env, served_demo(f"http://{_local(self.host)}:{self.port}", env))
             while True:
                 self._supervise()
                 time.sleep(0.5)
@@ -167,11 +167,18 @@ class Stack:
             time.sleep(0.5)
         raise LanternError(f"the API did not become ready at {url} within {timeout:.0f}s")
 
-    def _announce(self, env: dict[str, str]) -> None:
+    def _announce(self, env: dict[str, str], demo: str | None = None) -> None:
         base = f"http://{_local(self.host)}:{self.port}"
         redis_url = env.get("REDIS_URL") or env.get("LANTERN_REDIS_URL") or ""
+        demo_lines = (
+            f"  model         {demo}\n"
+            "                it knows nothing else; for a real one: lantern train, lantern export\n"
+            if demo
+            else ""
+        )
         print(
             f"\nLantern is up.\n"
+            f"{demo_lines}"
             f"  web page      {base}/\n"
             f"  predict       curl -F image=@cat.jpg {base}/predict\n"
             f"  explain       curl -F images=@cat.jpg -F methods=gradcam {base}/explain\n"
@@ -283,3 +290,21 @@ def _lantern(*args: str) -> list[str]:
 
 def _local(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+
+def served_demo(base: str, env: dict[str, str]) -> str | None:
+    """GET /model's `demo` line (what a demo model knows), or None for a real model or when
+    /model cannot be read: the banner then just leaves the line out."""
+    import json
+
+    keys = (env.get("LANTERN_API_KEYS") or "").split(",")
+    key = next((k.strip() for k in keys if k.strip()), None)
+    request = urllib.request.Request(
+        f"{base}/model", headers={"Authorization": f"Bearer {key}"} if key else {}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=5) as r:
+            demo = json.loads(r.read()).get("demo")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return str(demo) if demo else None

@@ -1,8 +1,12 @@
-"""Datasets: CIFAR-10 (torchvision), any ImageFolder, and generated shapes.
+"""Datasets: CIFAR-10 (torchvision), any ImageFolder, and two generated tasks.
 
-The generated dataset draws one filled shape — circle, square, triangle or cross — in a
-random colour, size and position on a noisy background; the class is the shape. The object
-occupies a known box, so explanation tests can check that a heatmap points at it.
+The generated `shapes` dataset draws one filled shape — circle, square, triangle or cross —
+in a random colour, size and position on a noisy background; the class is the shape. The
+object occupies a known box, so explanation tests can check that a heatmap points at it.
+
+`glyphs` is a second task drawn the same way with four other classes — star, ring, diamond
+and arrow — so that a backbone trained on `shapes` can be transferred to a task it has not
+seen (models/demo.py); its random stream is its own, so no glyph repeats a shape's layout.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from PIL import Image, ImageDraw
 from lantern.core.errors import DataError
 
 SHAPES = ("circle", "square", "triangle", "cross")
+GLYPHS = ("star", "ring", "diamond", "arrow")
+GENERATED: dict[str, tuple[str, ...]] = {"shapes": SHAPES, "glyphs": GLYPHS}
 CIFAR10_CLASSES = (
     "airplane",
     "automobile",
@@ -39,10 +45,16 @@ class ShapeSample:
     box: tuple[int, int, int, int]  # the shape's bounding box: left, top, right, bottom
 
 
-def draw_shape(index: int, size: int = 64, seed: int = 0, label: int | None = None) -> ShapeSample:
-    """Sample `index` of the generated dataset: deterministic in (index, size, seed)."""
-    rng = random.Random(f"{seed}:{index}:{size}")
-    label = index % len(SHAPES) if label is None else label
+def draw_shape(
+    index: int, size: int = 64, seed: int = 0, label: int | None = None, task: str = "shapes"
+) -> ShapeSample:
+    """Sample `index` of a generated task (`shapes` or `glyphs`): deterministic in
+    (task, index, size, seed)."""
+    classes = GENERATED[task]
+    rng = random.Random(
+        f"{seed}:{index}:{size}" if task == "shapes" else f"{task}:{seed}:{index}:{size}"
+    )
+    label = index % len(classes) if label is None else label
     bg = tuple(rng.randint(0, 90) for _ in range(3))
     img = Image.new("RGB", (size, size), bg)
     draw = ImageDraw.Draw(img)
@@ -55,7 +67,7 @@ def draw_shape(index: int, size: int = 64, seed: int = 0, label: int | None = No
     left, top = rng.randint(0, size - side), rng.randint(0, size - side)
     box = (left, top, left + side, top + side)
     colour = tuple(rng.randint(130, 255) for _ in range(3))
-    _draw(draw, SHAPES[label], box, colour)
+    _draw(draw, classes[label], box, colour)
     return ShapeSample(img, label, box)
 
 
@@ -75,7 +87,30 @@ def _draw(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int],
         draw.rectangle((mid - t // 2, top, mid + t // 2, bottom), fill=fill)
         midy = top + w // 2
         draw.rectangle((left, midy - t // 2, right, midy + t // 2), fill=fill)
-    else:  # pragma: no cover - SHAPES is closed
+    elif shape == "star":  # five points, inner radius 0.4 of the outer
+        cx, cy, r = left + w / 2, top + w / 2, w / 2
+        points = [
+            (
+                cx + (r if k % 2 == 0 else 0.4 * r) * math.sin(math.pi * k / 5),
+                cy - (r if k % 2 == 0 else 0.4 * r) * math.cos(math.pi * k / 5),
+            )
+            for k in range(10)
+        ]
+        draw.polygon(points, fill=fill)
+    elif shape == "ring":
+        draw.ellipse(box, outline=fill, width=max(2, w // 7))
+    elif shape == "diamond":
+        cx, cy = left + w / 2, top + w / 2
+        draw.polygon([(cx, top), (right, cy), (cx, bottom), (left, cy)], fill=fill)
+    elif shape == "arrow":  # pointing right: a shaft and a head
+        t = max(2, w // 4)
+        midy = top + w // 2
+        draw.rectangle((left, midy - t // 2, left + w * 0.55, midy + t // 2), fill=fill)
+        draw.polygon(
+            [(left + w * 0.5, top + w * 0.15), (right, midy), (left + w * 0.5, bottom - w * 0.15)],
+            fill=fill,
+        )
+    else:  # pragma: no cover - the class lists are closed
         raise ValueError(shape)
 
 
@@ -83,6 +118,7 @@ class ShapesDataset:
     """A map-style dataset of `length` generated images (PIL, label)."""
 
     classes: ClassVar[list[str]] = list(SHAPES)
+    task: ClassVar[str] = "shapes"
 
     def __init__(self, length: int, size: int = 64, seed: int = 0, transform: Any = None):
         self.length, self.size, self.seed, self.transform = length, size, seed, transform
@@ -93,9 +129,22 @@ class ShapesDataset:
     def __getitem__(self, index: int) -> tuple[Any, int]:
         if not 0 <= index < self.length:
             raise IndexError(index)
-        sample = draw_shape(index, self.size, self.seed)
+        sample = draw_shape(index, self.size, self.seed, task=self.task)
         image = self.transform(sample.image) if self.transform else sample.image
         return image, sample.label
+
+
+class GlyphsDataset(ShapesDataset):
+    """The second generated task: stars, rings, diamonds and arrows."""
+
+    classes: ClassVar[list[str]] = list(GLYPHS)
+    task: ClassVar[str] = "glyphs"
+
+
+def generated_dataset(task: str, length: int, size: int, seed: int, transform: Any = None) -> Any:
+    """`shapes` or `glyphs`: the generated dataset of that name."""
+    cls = {"shapes": ShapesDataset, "glyphs": GlyphsDataset}[task]
+    return cls(length, size=size, seed=seed, transform=transform)
 
 
 def write_shapes_folder(root: Path, per_class: int, size: int = 64, seed: int = 0) -> Path:

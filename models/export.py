@@ -139,8 +139,12 @@ def export_checkpoint(
     int8_max_accuracy_drop: float = quantize.MAX_ACCURACY_DROP,
     tolerance: float = PARITY_TOLERANCE,
     name: str = "lantern-classifier",
+    demo: str | None = None,
 ) -> Bundle:
     """Checkpoint -> ONNX (+ parity check) -> a new bundle version in the model store.
+
+    `demo` (default: what the checkpoint records, see models.demo.mark_demo) marks the
+    bundle as a demo: meta["demo"] is the one line that says what it knows.
 
     With `int8`, also a statically quantised INT8 graph calibrated on the training data
     (models.quantize); it is registered only if it passes the agreement/accuracy gate, and
@@ -212,6 +216,9 @@ def export_checkpoint(
         }
         if int8_result is not None:
             meta["int8"] = int8_result.meta
+        demo = demo or ckpt.get("demo")
+        if demo:
+            meta["demo"] = str(demo)
         return save_bundle(
             onnx_path,
             weights_path,

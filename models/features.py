@@ -148,7 +148,7 @@ def _data_identity(cfg: TrainConfig, n_train: int, n_val: int) -> dict[str, Any]
         "n_train": n_train,
         "n_val": n_val,
     }
-    if cfg.dataset != "shapes":
+    if cfg.dataset not in ("shapes", "glyphs"):  # generated data has no directory
         root = Path(cfg.data_dir).resolve()
         ident["data_dir"] = str(root)
         if cfg.dataset == "folder":

@@ -86,13 +86,13 @@ def calibration_sets(
     else:
         dataset = training.get("dataset")
         data_seed = int(training.get("seed", 0))
-        if dataset == "shapes":
+        if dataset in datasets.GENERATED:
             size = int(training.get("image_size") or spec.crop_size)
             n_train = int(training.get("train_images") or 2000)
             n_val = int(training.get("val_images") or max(200, n_train // 5))
-            train = datasets.ShapesDataset(n_train, size=size, seed=data_seed)
-            val = datasets.ShapesDataset(n_val, size=size, seed=data_seed + 10_000)
-            where = f"generated shapes (seed {data_seed}, {size} px)"
+            train = datasets.generated_dataset(dataset, n_train, size, data_seed)
+            val = datasets.generated_dataset(dataset, n_val, size, data_seed + 10_000)
+            where = f"generated {dataset} (seed {data_seed}, {size} px)"
         elif dataset == "cifar10":
             root = Path(training.get("data_dir") or "data")
             train = datasets.cifar10(root, True, False)
@@ -136,13 +136,13 @@ def _folder_splits(root: Path, class_names: list[str], seed: int) -> tuple[Any, 
 def _labels(ds: Any) -> list[int]:
     from torch.utils.data import Subset
 
-    from models.data import SHAPES, ShapesDataset
+    from models.data import ShapesDataset
 
     if isinstance(ds, Subset):
         inner = _labels(ds.dataset)
         return [inner[i] for i in ds.indices]
     if isinstance(ds, ShapesDataset):
-        return [i % len(SHAPES) for i in range(len(ds))]
+        return [i % len(ds.classes) for i in range(len(ds))]
     return [int(t) for t in ds.targets]
 
 

@@ -49,7 +49,10 @@ from models.transforms import eval_transform, train_transform
 
 log = logging.getLogger(__name__)
 
-DATASETS = ("shapes", "cifar10", "folder")
+# called with ("train" or "eval", images in the batch): fine-grained progress (models/demo.py)
+BatchCallback = Callable[[str, int], None]
+
+DATASETS = ("shapes", "glyphs", "cifar10", "folder")
 MIN_IMAGE_SIZE = 32  # ResNet downsamples 32x: below this layer4 has no spatial map at all
 MAX_IMAGE_SIZE = 1024
 FROZEN_RANDOM_WARNING = (
@@ -118,13 +121,13 @@ def _load_splits(
     train_tf = train_transform(spec) if augment else eval_tf
     train: Any
     val: Any
-    if cfg.dataset == "shapes":
+    if cfg.dataset in datasets.GENERATED:
         n_train = cfg.train_size or 2000
         n_val = cfg.val_size or max(200, n_train // 5)
-        size = cfg.image_size
-        train = datasets.ShapesDataset(n_train, size=size, seed=cfg.seed, transform=train_tf)
-        val = datasets.ShapesDataset(n_val, size=size, seed=cfg.seed + 10_000, transform=eval_tf)
-        return train, val, list(datasets.SHAPES)
+        size, task = cfg.image_size, cfg.dataset
+        train = datasets.generated_dataset(task, n_train, size, cfg.seed, train_tf)
+        val = datasets.generated_dataset(task, n_val, size, cfg.seed + 10_000, eval_tf)
+        return train, val, list(datasets.GENERATED[task])
     if cfg.dataset == "cifar10":
         train = datasets.cifar10(cfg.data_dir, True, cfg.download, train_tf)
         val = datasets.cifar10(cfg.data_dir, False, cfg.download, eval_tf)
@@ -214,9 +217,11 @@ def train_one_epoch(
     device: torch.device,
     epoch: int,
     progress: bool = True,
+    on_batch: BatchCallback | None = None,
 ) -> EpochStats:
     """One pass over `loader`; the learning-rate schedule steps once per batch. `model`
-    may be a whole network on images or only its head on cached features."""
+    may be a whole network on images or only its head on cached features. `on_batch` is
+    called with ("train", images in the batch) after each step."""
     model.train()
     freeze_batchnorm_statistics(model)
     criterion = nn.CrossEntropyLoss()
@@ -243,6 +248,8 @@ def train_one_epoch(
         total_loss += loss.item() * n
         correct += int((logits.argmax(1) == labels).sum())
         seen += n
+        if on_batch is not None:
+            on_batch("train", n)
         rate = seen / (time.perf_counter() - start)
         bar.set_postfix(
             loss=f"{total_loss / seen:.3f}",
@@ -261,9 +268,12 @@ def evaluate(
     device: torch.device,
     num_classes: int,
     progress: bool = True,
+    on_batch: BatchCallback | None = None,
 ) -> tuple[EpochStats, np.ndarray]:
     """Validation loss, accuracy, throughput and the confusion matrix (rows: true class)."""
-    stats, confusion, _ = evaluate_predictions(model, loader, device, num_classes, progress)
+    stats, confusion, _ = evaluate_predictions(
+        model, loader, device, num_classes, progress, on_batch
+    )
     return stats, confusion
 
 
@@ -274,8 +284,10 @@ def evaluate_predictions(
     device: torch.device,
     num_classes: int,
     progress: bool = True,
+    on_batch: BatchCallback | None = None,
 ) -> tuple[EpochStats, np.ndarray, np.ndarray]:
-    """`evaluate`, plus the predicted class of every validation image, in order."""
+    """`evaluate`, plus the predicted class of every validation image, in order
+    (`on_batch` is called with ("eval", images in the batch))."""
     model.eval()
     criterion = nn.CrossEntropyLoss(reduction="sum")
     confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
@@ -292,6 +304,8 @@ def evaluate_predictions(
         predictions.append(predicted)
         np.add.at(confusion, (labels.cpu().numpy(), predicted), 1)
         seen += labels.size(0)
+        if on_batch is not None:
+            on_batch("eval", labels.size(0))
     accuracy = float(np.trace(confusion) / max(seen, 1))
     stats = EpochStats(total_loss / max(seen, 1), accuracy, seen / (time.perf_counter() - start))
     return stats, confusion, np.concatenate(predictions) if predictions else np.zeros(0, int)
@@ -330,10 +344,15 @@ def seed_everything(seed: int) -> None:
 EpochCallback = Callable[[dict[str, Any]], None]
 
 
-def main(cfg: TrainConfig, on_epoch: EpochCallback | None = None) -> dict[str, Any]:
+def main(
+    cfg: TrainConfig,
+    on_epoch: EpochCallback | None = None,
+    on_batch: BatchCallback | None = None,
+) -> dict[str, Any]:
     """Train, keep the best checkpoint, write the report. Returns the metrics summary.
 
-    `on_epoch` is called with each epoch's history entry (progress bars, comparisons)."""
+    `on_epoch` is called with each epoch's history entry (progress bars, comparisons),
+    `on_batch` after every training and evaluation batch."""
     from models.features import PeakMemory, cached_features
 
     resumed: dict[str, Any] | None = None
@@ -433,7 +452,7 @@ def main(cfg: TrainConfig, on_epoch: EpochCallback | None = None) -> dict[str, A
 
         training = {
             "dataset": cfg.dataset,
-            "data_dir": str(cfg.data_dir) if cfg.dataset != "shapes" else None,
+            "data_dir": str(cfg.data_dir) if cfg.dataset not in datasets.GENERATED else None,
             "arch": cfg.arch,
             "mode": cfg.mode,
             "weights": cfg.weights,
@@ -470,10 +489,20 @@ def main(cfg: TrainConfig, on_epoch: EpochCallback | None = None) -> dict[str, A
         for epoch in range(first_epoch, cfg.epochs + 1):
             t0 = time.perf_counter()
             tr = train_one_epoch(
-                step_model, train_loader, optimizer, scheduler, scaler, device, epoch, cfg.progress
+                step_model,
+                train_loader,
+                optimizer,
+                scheduler,
+                scaler,
+                device,
+                epoch,
+                cfg.progress,
+                on_batch,
             )
             train_s = time.perf_counter() - t0
-            va, confusion = evaluate(step_model, val_loader, device, len(classes), cfg.progress)
+            va, confusion = evaluate(
+                step_model, val_loader, device, len(classes), cfg.progress, on_batch
+            )
             seconds = time.perf_counter() - t0
             entry = {
                 "epoch": epoch,
@@ -630,7 +659,7 @@ def _reproduce(
         },
         "data": {
             "source": cfg.dataset,
-            "data_dir": str(cfg.data_dir) if cfg.dataset != "shapes" else None,
+            "data_dir": str(cfg.data_dir) if cfg.dataset not in datasets.GENERATED else None,
             "train_size": cfg.train_size,
             "val_size": cfg.val_size,
             "val_fraction": cfg.val_fraction,

@@ -46,6 +46,11 @@ class Prediction(ClassScore):
         description="Which graph of that model version answered: fp32, int8 (statically "
         "quantised, checked against fp32 at export) or fp16 (LANTERN_PRECISION)."
     )
+    demo: str | None = Field(
+        default=None,
+        description="Set when the model that answered is Lantern's offline demo: one line "
+        "saying what it knows (any image gets one of its classes); null for a real model.",
+    )
 
 
 class BatchPrediction(BaseModel):

@@ -1,7 +1,8 @@
 """GET /model: the model version the API serves, and what it can explain.
 
     GET /model   {"tag", "version", "architecture", "class_names", "input_size",
-                  "explainable_layers": [{"name", "shape": [C, H, W]}] or null, "accuracy"}
+                  "explainable_layers": [{"name", "shape": [C, H, W]}] or null, "accuracy",
+                  "demo": "DEMO: knows only ..." or null}
 
 `explainable_layers` are the layers /explain accepts for `layer` and `activation_layer`
 (recorded at export, models.export); null for an older bundle that does not record them.
@@ -36,6 +37,11 @@ class ModelInfo(BaseModel):
         "order; null when the bundle does not record them (any layer name is then accepted)."
     )
     accuracy: float | None = Field(description="Validation accuracy recorded at training.")
+    demo: str | None = Field(
+        default=None,
+        description="Set when the served model is Lantern's offline demo: one line saying "
+        "what it knows (it recognises only its generated classes); null for a real model.",
+    )
 
 
 @router.get(
@@ -57,4 +63,5 @@ async def model(lantern: CurrentService) -> dict[str, Any]:
         if layers is None
         else [{"name": name, "shape": shape} for name, shape in layers.items()],
         "accuracy": bundle.accuracy,
+        "demo": bundle.demo,
     }

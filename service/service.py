@@ -220,6 +220,7 @@ class Lantern:
             "top_k": ranked,
             "model_version": self.bundle.version,
             "precision": self.precision,
+            "demo": self.bundle.demo,
         }
 
 

@@ -143,6 +143,15 @@ def test_the_page_predicts_and_explains_an_uploaded_image(
     assert page.errors == []
 
 
+def test_a_real_model_gets_no_demo_banner(page: Any) -> None:
+    # the page's first look at GET /model has answered: tiny_bundle is not a demo
+    with page.expect_response(lambda r: r.url.endswith("/model")) as answer:
+        page.reload()
+    assert answer.value.json()["demo"] is None
+    page.wait_for_load_state("networkidle")
+    assert page.locator("#demo-banner").is_hidden()
+
+
 def test_the_trust_score_is_shown_beside_each_heatmap_with_how_to_read_it(page: Any) -> None:
     page.set_input_files("#file-input", files=[shape_file(1)])
     page.wait_for_selector("#bars li")

@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 
 HELP = "Fine-tune a ResNet (transfer learning) and write checkpoints and a report."
 
-_DATASETS = ("shapes", "cifar10", "folder")
+_DATASETS = ("shapes", "glyphs", "cifar10", "folder")
 _ARCHS = ("resnet18", "resnet34", "resnet50")
 _MODES = ("head", "layer4", "all")
 
@@ -23,7 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--dataset",
         choices=_DATASETS,
         default="shapes",
-        help="shapes: generated offline data; cifar10: torchvision's CIFAR-10; "
+        help="shapes: generated offline data (circle, square, triangle, cross); glyphs: a "
+        "second generated task (star, ring, diamond, arrow); cifar10: torchvision's CIFAR-10; "
         "folder: an ImageFolder tree (one sub-folder per class, or train/ and val/)",
     )
     d.add_argument(

@@ -8,7 +8,8 @@
                            figures, also when it was refused or skipped)
         weights.pt         torch state_dict, for the explanation workers
         meta.json          architecture, class names, preprocessing, training, metrics, parity,
-                           explainable layers
+                           explainable layers; `demo` (one line: what it knows) when the model
+                           is the offline demo (models/demo.py), absent for a real model
 
 Torch-free: the service reads bundles through this module too.
 """
@@ -80,6 +81,13 @@ class Bundle:
         """The INT8 record of the export: status (passed, refused, skipped) and figures."""
         record = self.meta.get("int8")
         return dict(record) if record else None
+
+    @property
+    def demo(self) -> str | None:
+        """What a demo model knows, in one line ("DEMO: knows only ..."), or None for a
+        real model. Set at export from the checkpoint the offline demo marked."""
+        text = self.meta.get("demo")
+        return str(text) if text else None
 
     @property
     def weights_path(self) -> Path:
@@ -168,6 +176,7 @@ def save_bundle(
         "architecture": meta["architecture"],
         "num_classes": len(meta["class_names"]),
         "accuracy": meta.get("metrics", {}).get("accuracy"),
+        "demo": meta.get("demo"),  # `bentoml models get` shows it too
     }
     summary = {k: v for k, v in summary.items() if v is not None}  # BentoML refuses None
     with bentoml.models.create(name, labels=labels, metadata=summary) as model:

@@ -62,6 +62,8 @@
     keyForm: $("key-form"),
     keyMessage: $("key-message"),
     keyInput: $("key-input"),
+    demoBanner: $("demo-banner"),
+    demoText: $("demo-text"),
   };
 
   // Each new image or explanation bumps the generation; stale answers are dropped.
@@ -262,6 +264,7 @@
     } catch (e) {
       return;
     }
+    showDemo(info);
     const layers = (info.explainable_layers || []).filter((l) => !l.name.includes("."));
     const stages = layers.filter((l) => /^layer\d+$/.test(l.name));
     const shown = stages.length ? stages : layers;
@@ -281,6 +284,25 @@
     );
     el.layer.value = shown.some((l) => l.name === current) ? current : last;
   }
+
+  // A demo model (GET /model "demo": one line saying what it knows) gets a banner from the
+  // start. This first look never asks for a key: if the service wants one it is not known
+  // yet, and loadLayers (after the first prediction, key given) shows the banner instead.
+  function showDemo(info) {
+    if (!info || typeof info.demo !== "string" || !info.demo) return;
+    el.demoText.textContent = info.demo;
+    el.demoBanner.hidden = false;
+  }
+
+  (async function lookForDemo() {
+    try {
+      const headers = apiKey ? { Authorization: "Bearer " + apiKey } : {};
+      const response = await fetch("model", { headers });
+      if (response.ok) showDemo(await response.json());
+    } catch (e) {
+      // the service is unreachable: the first request says so
+    }
+  })();
 
   function showPrediction(p) {
     el.topLabel.textContent = p.label + " · " + percent(p.probability);
