@@ -9,7 +9,8 @@ and model cache) and makes it current for the thread that runs its jobs; the job
 from __future__ import annotations
 
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from lantern.core.errors import JobError
 from lantern.core.settings import Settings
@@ -22,6 +23,9 @@ class WorkerContext:
     settings: Settings
     store: ArtifactStore
     models: ModelCache
+    # Work the worker computed for a group of jobs at once (workers.tasks.prepare_group),
+    # by job id; each job's explain() takes its own entry, the worker clears the rest.
+    prepared: dict[str, Any] = field(default_factory=dict)
 
 
 _current: ContextVar[WorkerContext] = ContextVar("lantern_worker_context")

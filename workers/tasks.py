@@ -8,6 +8,13 @@ map with deletion and insertion curves when the request asks for faithfulness
 (workers.faithfulness), report progress in job.meta, and write manifest.json last.
 Everything it needs comes from the worker's context (workers.context).
 
+Jobs explained together (workers.worker.ExplainWorker groups queued jobs for the same
+model, layers and methods): the worker first calls `prepare_group`, which validates and
+decodes every job's images and runs the engine once over all of them, chunk by chunk;
+each job's `explain` then takes its own slice of that pass from the context and renders,
+writes and reports as if it had run alone. A job whose payload or images are bad is
+left out of the shared pass and fails in its own `explain` with its own reason.
+
 Errors a person can fix (a bad payload, an unreadable image, an unknown model, a layer
 that does not exist or is no convolutional feature map, an unknown class) fail the job
 at once with a readable reason and are not retried; anything else is retried while the
@@ -17,6 +24,8 @@ job has retries left.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,6 +34,7 @@ from PIL import Image
 from lantern.core.errors import JobError, LanternError
 from lantern.core.images import decode_image
 from lantern.core.jobs import (
+    DEFAULT_LAYER,
     META_ERROR,
     META_PROGRESS,
     ExplainRequest,
@@ -35,9 +45,11 @@ from lantern.core.redis_retry import retry_redis
 from lantern.core.store import ArtifactStore, write_manifest
 from workers import faithfulness
 from workers.context import WorkerContext, current_context
-from workers.engine import explain_in_chunks, normalise
+from workers.engine import Explanation, explain_in_chunks, normalise
 from workers.manifest import build_manifest, describe_maps, render_image
 from workers.methods import make_method
+from workers.methods.base import MethodResult
+from workers.model_cache import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +65,12 @@ def explain(payload: dict[str, Any], job_id: str | None = None) -> dict[str, Any
         job.meta.pop(META_ERROR, None)
     if not job_id:
         raise JobError("explain() runs inside an RQ job or needs job_id")
+    prepared = context.prepared.pop(job_id, None)
     try:
         request = parse_request(payload)
-        return run_job(request, job_id, context, job)
+        if not isinstance(prepared, Prepared) or prepared.request != request:
+            prepared = None
+        return run_job(request, job_id, context, job, prepared)
     except LanternError as e:
         _record_failure(job, context, str(e), permanent=True)
         raise
@@ -81,9 +96,46 @@ def _record_failure(job: Any, context: WorkerContext, message: str, permanent: b
         log.exception("could not record the failure of job %s", job.id)
 
 
-def run_job(
-    request: ExplainRequest, job_id: str, context: WorkerContext, job: Any = None
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Prepared:
+    """One job's share of a group's shared pass: its request, decoded images, model
+    inputs and the engine's results for exactly its images."""
+
+    request: ExplainRequest
+    loaded: LoadedModel
+    originals: list[Image.Image]
+    batch: torch.Tensor
+    explanation: Explanation
+
+
+def group_key(payload: Any) -> tuple[Any, ...] | None:
+    """What jobs must share to be explained in one pass (model tag, methods in any order,
+    layer, activation layer), read from a raw payload without validating it; None for a
+    payload that is not even shaped like one (it then runs alone)."""
+    if not isinstance(payload, dict):
+        return None
+    try:
+        layer = payload.get("layer") or DEFAULT_LAYER
+        return (
+            str(payload["model"]),
+            tuple(sorted(str(m) for m in payload["methods"])),
+            str(layer),
+            str(payload.get("activation_layer") or layer),
+        )
+    except (KeyError, TypeError):
+        return None
+
+
+def payload_images(payload: Any) -> int:
+    """Images in a raw payload (0 when it has no image list)."""
+    images = payload.get("images") if isinstance(payload, dict) else None
+    return len(images) if isinstance(images, list) else 0
+
+
+def _checked(
+    request: ExplainRequest, job_id: str, context: WorkerContext
+) -> tuple[LoadedModel, list[Image.Image], torch.Tensor]:
+    """A request's model, decoded images and model inputs; JobError for anything wrong."""
     settings, store = context.settings, context.store
     check_image_count(len(request.images), settings)
     loaded = context.models.get(request.model)
@@ -100,6 +152,119 @@ def run_job(
         for im in request.images
     ]
     batch = torch.from_numpy(loaded.spec.apply_batch(originals))
+    return loaded, originals, batch
+
+
+def prepare_group(jobs: Sequence[tuple[str, Any]], context: WorkerContext) -> dict[str, Prepared]:
+    """Explain the images of several jobs (job id, raw payload) in one chunked pass.
+
+    Jobs that share the first good job's model version, layers and methods get their
+    slice of the pass, by job id. A job whose request, model, layer, targets or images
+    are wrong is left out (it fails on its own, with its own reason, when it runs), and
+    so is one that does not match; an error in the pass itself leaves every job to run
+    alone. Each image's results are those of a solo run: the model is in eval mode, so
+    the images of a batch do not affect one another.
+    """
+    members: list[tuple[str, ExplainRequest, LoadedModel, list[Image.Image], torch.Tensor]] = []
+    for job_id, payload in jobs:
+        try:
+            request = parse_request(payload)
+            loaded, originals, batch = _checked(request, job_id, context)
+            classes = len(loaded.class_names)
+            if any(t is not None and t >= classes for t in request.targets):
+                continue  # resolve_targets would fail the whole pass
+        except LanternError:
+            continue
+        if members:
+            first, first_loaded = members[0][1], members[0][2]
+            if (
+                loaded.bundle.tag != first_loaded.bundle.tag
+                or set(request.methods) != set(first.methods)
+                or request.layer != first.layer
+                or request.effective_activation_layer != first.effective_activation_layer
+            ):
+                continue
+        members.append((job_id, request, loaded, originals, batch))
+    if not members:
+        return {}
+    first, loaded = members[0][1], members[0][2]
+    methods = [make_method(m, first.layer, first.effective_activation_layer) for m in first.methods]
+    inputs = torch.cat([m[4] for m in members])
+    targets = [t for m in members for t in m[1].targets]
+    chunks = [
+        ex
+        for _, _, ex in explain_in_chunks(
+            loaded.model,
+            inputs,
+            methods,
+            targets,
+            context.settings.explain_chunk_size,
+            loaded.device,
+        )
+    ]
+    whole = _concat(chunks)
+    prepared: dict[str, Prepared] = {}
+    start = 0
+    for job_id, request, job_loaded, originals, batch in members:
+        end = start + len(originals)
+        prepared[job_id] = Prepared(
+            request, job_loaded, originals, batch, _slice(whole, start, end)
+        )
+        start = end
+    log.info(
+        "explained %d image(s) of %d job(s) together with %s on %s",
+        int(inputs.shape[0]),
+        len(members),
+        loaded.bundle.tag,
+        loaded.device,
+    )
+    return prepared
+
+
+def _concat(chunks: list[Explanation]) -> Explanation:
+    if len(chunks) == 1:
+        return chunks[0]
+    return Explanation(
+        torch.cat([c.logits for c in chunks]),
+        torch.cat([c.targets for c in chunks]),
+        {
+            name: MethodResult(
+                torch.cat([c.results[name].maps for c in chunks]),
+                {
+                    key: torch.cat([c.results[name].extras[key] for c in chunks])
+                    for key in result.extras
+                },
+            )
+            for name, result in chunks[0].results.items()
+        },
+        chunks[0].input_size,
+    )
+
+
+def _slice(ex: Explanation, start: int, end: int) -> Explanation:
+    return Explanation(
+        ex.logits[start:end],
+        ex.targets[start:end],
+        {
+            name: MethodResult(r.maps[start:end], {k: v[start:end] for k, v in r.extras.items()})
+            for name, r in ex.results.items()
+        },
+        ex.input_size,
+    )
+
+
+def run_job(
+    request: ExplainRequest,
+    job_id: str,
+    context: WorkerContext,
+    job: Any = None,
+    prepared: Prepared | None = None,
+) -> dict[str, Any]:
+    settings, store = context.settings, context.store
+    if prepared is not None:  # explained with other jobs: only the rendering is left
+        loaded, originals, batch = prepared.loaded, prepared.originals, prepared.batch
+    else:
+        loaded, originals, batch = _checked(request, job_id, context)
     methods = [
         make_method(m, request.layer, request.effective_activation_layer) for m in request.methods
     ]
@@ -115,9 +280,19 @@ def run_job(
 
     entries: list[dict[str, Any]] = []
     shapes: dict[str, list[int]] = {}
-    for start, end, ex in explain_in_chunks(
-        loaded.model, batch, methods, request.targets, settings.explain_chunk_size, loaded.device
-    ):
+    passes = (
+        [(0, n, prepared.explanation)]
+        if prepared is not None
+        else explain_in_chunks(
+            loaded.model,
+            batch,
+            methods,
+            request.targets,
+            settings.explain_chunk_size,
+            loaded.device,
+        )
+    )
+    for start, end, ex in passes:
         maps = {}
         for method in methods:
             shapes[method.name] = [int(d) for d in ex.results[method.name].maps.shape[-2:]]

@@ -56,6 +56,14 @@ class Settings(BaseSettings):
     explain_chunk_size: int = Field(
         16, description="Images per forward/backward pass in a worker (halved on CUDA OOM)."
     )
+    explain_group_jobs: int = Field(
+        32,
+        description="Most queued jobs for the same model version, layers and methods a "
+        "worker takes together and explains in one chunked pass (each still gets its own "
+        "artifacts, progress and manifest), up to max_images_per_job images; 1 turns "
+        "grouping off.",
+        ge=1,
+    )
     worker_heartbeat_seconds: int = Field(
         10,
         description="How often a busy explanation worker proves it is alive; a job whose "
