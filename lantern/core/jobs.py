@@ -67,21 +67,22 @@ class Method(StrEnum):
     GRADCAM_PP = "gradcam_pp"
     SALIENCY = "saliency"
     ACTIVATIONS = "activations"
+    LAYERCAM = "layercam"
 
 
 # The methods that read a layer (all but saliency, which reads the input's gradient);
 # tests/test_methods.py checks this against each implementation's `needs_layer`.
-LAYER_METHODS = frozenset({Method.GRADCAM, Method.GRADCAM_PP, Method.ACTIVATIONS})
+LAYER_METHODS = frozenset({Method.GRADCAM, Method.GRADCAM_PP, Method.LAYERCAM, Method.ACTIVATIONS})
 
 
 def layers_needed(
     methods: Sequence[Method | str], layer: str, activation_layer: str | None
 ) -> list[str]:
-    """The layers a request's methods read: `layer` for Grad-CAM(++), `activation_layer`
-    (default `layer`) for activations; none for saliency alone."""
+    """The layers a request's methods read: `layer` for Grad-CAM(++) and LayerCAM,
+    `activation_layer` (default `layer`) for activations; none for saliency alone."""
     chosen = {Method(str(m)) for m in methods}
     needed = []
-    if chosen & {Method.GRADCAM, Method.GRADCAM_PP}:
+    if chosen & {Method.GRADCAM, Method.GRADCAM_PP, Method.LAYERCAM}:
         needed.append(layer)
     if Method.ACTIVATIONS in chosen:
         needed.append(activation_layer or layer)

@@ -11,10 +11,11 @@ from workers.methods.activations import Activations
 from workers.methods.base import ExplanationMethod, MethodResult, PassOutputs
 from workers.methods.gradcam import GradCAM
 from workers.methods.gradcam_pp import GradCAMPlusPlus
+from workers.methods.layercam import LayerCAM
 from workers.methods.saliency import Saliency
 
 METHODS: dict[Method, type[ExplanationMethod]] = {
-    Method(m.name): m for m in (GradCAM, GradCAMPlusPlus, Saliency, Activations)
+    Method(m.name): m for m in (GradCAM, GradCAMPlusPlus, LayerCAM, Saliency, Activations)
 }
 
 
@@ -38,6 +39,7 @@ __all__ = [
     "ExplanationMethod",
     "GradCAM",
     "GradCAMPlusPlus",
+    "LayerCAM",
     "MethodResult",
     "PassOutputs",
     "Saliency",
