@@ -48,7 +48,7 @@ from workers.context import WorkerContext, current_context
 from workers.engine import Explanation, explain_in_chunks, normalise
 from workers.manifest import build_manifest, describe_maps, render_image
 from workers.methods import make_method
-from workers.methods.base import MethodResult
+from workers.methods.base import ExplanationMethod, MethodResult
 from workers.model_cache import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -106,6 +106,7 @@ class Prepared:
     originals: list[Image.Image]
     batch: torch.Tensor
     explanation: Explanation
+    maps: dict[str, tuple[torch.Tensor, torch.Tensor]]  # method: (upsampled, normalised)
 
 
 def group_key(payload: Any) -> tuple[Any, ...] | None:
@@ -203,12 +204,20 @@ def prepare_group(jobs: Sequence[tuple[str, Any]], context: WorkerContext) -> di
         )
     ]
     whole = _concat(chunks)
+    # Upsampled and normalised once for all (per call, normalise costs the same for one
+    # map as for a chunk of them); each image is still scaled on its own.
+    maps = {m.name: _display_maps(chunks, m) for m in methods}
     prepared: dict[str, Prepared] = {}
     start = 0
     for job_id, request, job_loaded, originals, batch in members:
         end = start + len(originals)
         prepared[job_id] = Prepared(
-            request, job_loaded, originals, batch, _slice(whole, start, end)
+            request,
+            job_loaded,
+            originals,
+            batch,
+            _slice(whole, start, end),
+            {k: (up[start:end], norm[start:end]) for k, (up, norm) in maps.items()},
         )
         start = end
     log.info(
@@ -219,6 +228,15 @@ def prepare_group(jobs: Sequence[tuple[str, Any]], context: WorkerContext) -> di
         loaded.device,
     )
     return prepared
+
+
+def _display_maps(
+    chunks: list[Explanation], method: ExplanationMethod
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A method's maps at the input resolution and scaled for display, over all chunks."""
+    upsampled = [c.upsampled(method.name) for c in chunks]
+    normalised = [normalise(u, method.display_quantile) for u in upsampled]
+    return torch.cat(upsampled), torch.cat(normalised)
 
 
 def _concat(chunks: list[Explanation]) -> Explanation:
@@ -296,6 +314,9 @@ def run_job(
         maps = {}
         for method in methods:
             shapes[method.name] = [int(d) for d in ex.results[method.name].maps.shape[-2:]]
+            if prepared is not None:
+                maps[method.name] = prepared.maps[method.name]
+                continue
             upsampled = ex.upsampled(method.name)
             maps[method.name] = (upsampled, normalise(upsampled, method.display_quantile))
         for i in range(start, end):
