@@ -18,7 +18,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 help:
 	@echo "make up      start Redis, an explanation worker and the API on http://127.0.0.1:3000"
 	@echo "make test    install everything into $(VENV) and run the whole test suite"
-	@echo "make bench   prediction and explanation benchmarks (writes nothing outside /tmp)"
+	@echo "make bench   prediction, explanation and localisation benchmarks (writes nothing outside /tmp)"
 	@echo "make soak    memory soak: RSS of the API over 10,000 /predict requests (BENCHMARKS.md)"
 	@echo "make lint    ruff;  make typecheck  mypy;  make check  both"
 	@echo "make compose-test  build the Docker images and run the compose stack end to end"
@@ -62,6 +62,7 @@ test: install $(CHROMIUM)
 bench: $(VENV)/.installed-bench
 	$(BIN)/python -m bench.predict
 	$(BIN)/python -m bench.explain
+	$(BIN)/python -m bench.localisation
 
 # ResNet-50 at 224 px: about 10 minutes on 2 quiet cores (SOAK_ARGS="--arch resnet18
 # --image-size 64" for a quick one).

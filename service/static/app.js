@@ -21,6 +21,7 @@
   const METHOD_NAMES = {
     gradcam: "Grad-CAM",
     gradcam_pp: "Grad-CAM++",
+    layercam: "LayerCAM",
     saliency: "Saliency",
     activations: "Activations",
   };
