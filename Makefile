@@ -62,6 +62,7 @@ test: install $(CHROMIUM)
 bench: $(VENV)/.installed-bench
 	$(BIN)/python -m bench.predict
 	$(BIN)/python -m bench.explain
+	$(BIN)/python -m bench.explain_batching
 	$(BIN)/python -m bench.localisation
 
 # ResNet-50 at 224 px: about 10 minutes on 2 quiet cores (SOAK_ARGS="--arch resnet18
