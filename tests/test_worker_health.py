@@ -1,6 +1,8 @@
 """`lantern worker --check`, the worker container's HEALTHCHECK, against a real Redis and a
 real worker: healthy while the worker runs; unhealthy, saying why, once it is killed (its
-registration lingers in Redis), when Redis cannot be reached, and for another host's worker."""
+registration lingers in Redis), when Redis cannot be reached, and for another host's worker.
+And a worker that is a container's PID 1 stops on SIGTERM (docker stop) instead of waiting to
+be killed."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -81,3 +84,58 @@ def test_unreachable_redis_is_unhealthy_with_the_reason_and_no_password() -> Non
     assert result.returncode == 1
     assert "cannot read the worker registry" in result.stdout
     assert "s3cret" not in result.stdout + result.stderr
+
+
+def _as_pid_1(
+    *command: str, env: dict[str, str] | None = None, log: Path | None = None
+) -> tuple[subprocess.Popen[bytes], int]:
+    """`command` as PID 1 of a new PID namespace, as in a container without an init; returns
+    the unshare process and the command's host pid (killed with unshare: --kill-child)."""
+    user = [] if os.geteuid() == 0 else ["--user", "--map-root-user"]
+    out = log.open("wb") if log else subprocess.DEVNULL
+    outer = subprocess.Popen(
+        ["unshare", *user, "--pid", "--fork", "--kill-child", "--mount-proc", *command],
+        cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    children = Path(f"/proc/{outer.pid}/task/{outer.pid}/children")
+    inner = wait_for(lambda: children.read_text().split(), 30, "the namespaced process")
+    return outer, int(inner[0])  # type: ignore[index]
+
+
+def test_a_worker_waiting_for_redis_stops_on_sigterm_even_as_pid_1(
+    tmp_path: Path, worker_processes: list
+) -> None:
+    # Control: a Python process that is PID 1 and installs no handler ignores SIGTERM, which
+    # is why `docker stop` of such a container waits out its grace period and kills it.
+    control, control_pid = _as_pid_1(sys.executable, "-c", "import time; time.sleep(60)")
+    worker_processes.append(control)
+    time.sleep(1)
+    os.kill(control_pid, signal.SIGTERM)
+    with pytest.raises(subprocess.TimeoutExpired):
+        control.wait(timeout=3)
+
+    # The worker, still waiting for a Redis that is not there, ends at once with 143.
+    env = dict(os.environ, REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
+    log = tmp_path / "worker.log"
+    outer, worker = _as_pid_1(sys.executable, "-m", "lantern.cli", "worker", env=env, log=log)
+    worker_processes.append(outer)
+    wait_for(lambda: "Redis unreachable" in log.read_text(), 60, "the wait for Redis")
+    os.kill(worker, signal.SIGTERM)
+    assert outer.wait(timeout=15) == 143, log.read_text()[-2000:]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_an_idle_worker_exits_on_a_stop_signal_instead_of_restarting_its_loop(
+    signum: int, redis_server: Any, redis_conn: Any, tiny_bundle: Any, tmp_path: Path,
+    worker_processes: list,
+) -> None:  # fmt: skip
+    env = worker_env(redis_server.url, tmp_path / "artifacts", tiny_bundle.tag)
+    log = tmp_path / "worker.log"
+    proc = start_worker(env, log)
+    worker_processes.append(proc)
+    wait_for(lambda: proc.poll() is not None or _registered(redis_conn), 120, "registration")
+    wait_for(lambda: "Listening on" in log.read_text(), 60, "the worker to listen")
+    proc.send_signal(signum)
+    assert proc.wait(timeout=30) == 0, log.read_text()[-2000:]
+    assert "loop ended unexpectedly" not in log.read_text()
+    assert _registered(redis_conn) == 0  # it said goodbye

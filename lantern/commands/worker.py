@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import sys
 
 HELP = "Run an explanation worker: take jobs from Redis, compute maps, store artifacts."
@@ -30,6 +31,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Until RQ installs its own handlers (warm shutdown), SIGTERM ends the start-up (loading
+    # torch, waiting for Redis) at once. Said explicitly: as a container's PID 1, Python's
+    # default would ignore it.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     import redis
 
     from lantern.core.errors import QueueUnavailable
@@ -76,13 +81,30 @@ def run(args: argparse.Namespace) -> int:
     worker.warm_up()
     while True:
         worker.work(burst=args.burst, logging_level=level)
-        if args.burst or worker._stop_requested:
+        if args.burst or _shutdown_was_requested(worker):
             return 0
         # RQ's loop ended on an error (Redis gone longer than redis_retry_seconds, say):
         # wait for Redis and start again rather than exit with jobs still queued.
         print("worker loop ended unexpectedly; waiting for Redis to resume", file=sys.stderr)
         retry_redis("reach Redis", connection.ping, deadline_s=float("inf"))
         worker = new_worker(None)
+
+
+def _shutdown_was_requested(worker: object) -> bool:
+    """Whether RQ's loop ended because it was told to stop (SIGTERM/SIGINT, `rq` commands).
+
+    RQ sets `_stop_requested` only when the signal finds the worker busy; an idle worker
+    leaves the loop through StopRequested with only the request's date recorded. Reading
+    just the first made an idle worker restart its loop on SIGTERM instead of exiting.
+    """
+    return bool(
+        getattr(worker, "_stop_requested", False)
+        or getattr(worker, "_shutdown_requested_date", None) is not None
+    )
+
+
+def _exit_on_sigterm(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 # A worker in one of these states takes jobs; "suspended" (rq suspend) and "dead" do not.
