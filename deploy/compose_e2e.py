@@ -13,7 +13,8 @@
    downloaded. Inside: each service runs as a non-root user; the worker's own check passes.
 7. Redis restarted (`docker compose restart redis`): the finished job is still there, and a
    new job submitted after the restart finishes.
-8. `down -v`: no container, volume or network of the project left behind.
+8. `stop`: every long-running service ends on SIGTERM (none waits out its grace period to be
+   killed); `down -v`: no container, volume or network of the project left behind.
 
 Exits 0 when every step held; otherwise prints the failing step and the services' logs.
 """
@@ -225,8 +226,10 @@ class Stack:
 
     @step("stack up and healthy (the model step trains a first model)")
     def up(self) -> None:
-        self.compose("up", "-d", timeout=600)
-        deadline = time.monotonic() + 1500
+        # `up -d` itself returns only once the model step has finished (the others depend on
+        # it with service_completed_successfully); on a busy machine training takes minutes.
+        deadline = time.monotonic() + 2400
+        self.compose("up", "-d", timeout=2400)
         while True:
             states = self.states()
             model = states.get("model", {})
@@ -319,6 +322,15 @@ class Stack:
         after = self.explain(client, seed=2)
         print(f"    job {finished['job_id']} still finished; job {after['job_id']} finished after")
 
+    @step("stop: every service shuts down on SIGTERM, none is killed")
+    def stop(self) -> None:
+        self.compose("stop", "--timeout", "60", timeout=600)
+        codes = {name: row.get("ExitCode") for name, row in self.states().items()}
+        print(f"    exit codes: {codes}")
+        killed = [name for name in LONG_RUNNING if codes.get(name) == 137]
+        if killed:
+            raise Failed(f"{killed} ignored SIGTERM and were killed after the grace period")
+
     @step("down -v: nothing left behind")
     def down(self) -> None:
         self.compose("down", "-v", "--remove-orphans", "--timeout", "60", timeout=600)
@@ -376,6 +388,7 @@ def main() -> int:
             stack.predict(client)
             finished = stack.explain_and_download(client)
             stack.restart_redis(client, finished)
+        stack.stop()
         stack.down()
         stack = None
     except (Failed, subprocess.TimeoutExpired, httpx.HTTPError) as e:
