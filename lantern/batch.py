@@ -52,6 +52,7 @@ class BatchOptions:
     parallel: int = 2
     job_timeout: float = 1800.0
     progress: bool = True
+    faithfulness: bool = False
 
 
 @dataclass
@@ -74,11 +75,13 @@ class Submitted:
 
 def explain_images(client: Any, images: list[Any], options: BatchOptions) -> int:
     """Explain `images` (lantern.client.InputImage) with `client`; the exit status."""
-    request = {
+    request: dict[str, Any] = {
         "methods": sorted(options.methods),
         "layer": options.layer,
         "activation_layer": options.activation_layer or options.layer,
     }
+    if options.faithfulness:  # only then: results of runs without it still match and resume
+        request["faithfulness"] = True
     outcomes: dict[str, Outcome] = {}
     todo = []
     for image in images:
@@ -153,6 +156,7 @@ class _Run:
                 methods=self.methods,
                 layer=self.options.layer,
                 activation_layer=self.options.activation_layer,
+                faithfulness=self.options.faithfulness,
             )
         except RequestRejected as e:
             if not batches.rejected(chunk, e):
@@ -231,6 +235,8 @@ class _Run:
                 },
                 "files": files,
             }
+            if self.options.faithfulness:
+                result["faithfulness"] = entry.get("faithfulness")
             _write_json_atomically(folder / RESULT_FILE, result)  # last: the "done" marker
             self.outcomes[image.key] = Outcome("ok", result)
         self.bar.update(len(job.chunk) - job.shown)

@@ -331,3 +331,30 @@ def _as_jpeg(png_bytes: bytes) -> bytes:
     buf = io.BytesIO()
     Image.open(io.BytesIO(png_bytes)).convert("RGB").save(buf, "JPEG", quality=90)
     return buf.getvalue()
+
+
+def test_explain_with_faithfulness_scores_every_map_in_result_json(  # type: ignore[no-untyped-def]
+    stack: Stack,  # noqa: F811
+    photos: Path,
+    tmp_path: Path,
+) -> None:
+    result = lantern(
+        "explain", str(photos / "a.png"), "--url", stack.url, "--methods", "gradcam,saliency",
+        "--faithfulness", "--out", "maps", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    saved = json.loads((tmp_path / "maps" / "a" / "result.json").read_text())
+    assert saved["request"]["faithfulness"] is True
+    scores = saved["faithfulness"]
+    assert set(scores) >= {"gradcam", "saliency"}
+    for name in ("gradcam", "saliency"):
+        for key in ("deletion_auc", "insertion_auc", "random_deletion_auc", "random_insertion_auc"):
+            assert 0.0 <= scores[name][key] <= 1.0, (name, key, scores[name])
+    # a run without the flag is another request: it does not take these results as its own
+    plain = lantern(
+        "explain", str(photos / "a.png"), "--url", stack.url, "--methods", "gradcam,saliency",
+        "--out", "maps", cwd=tmp_path,
+    )  # fmt: skip
+    assert plain.returncode == 0, plain.stderr
+    assert "(0 from an earlier run)" in plain.stdout
+    assert "faithfulness" not in json.loads((tmp_path / "maps/a/result.json").read_text())

@@ -53,6 +53,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=1800.0,
         help="seconds to wait for one job before giving up on the run",
     )
+    p.add_argument(
+        "--faithfulness",
+        action="store_true",
+        help="also score every map: deletion and insertion AUCs beside a random pixel order's, "
+        "in each image's result.json (slower: the worker runs the perturbation curves)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -93,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
         parallel=args.parallel,
         job_timeout=args.job_timeout,
         progress=not args.no_progress,
+        faithfulness=args.faithfulness,
     )
     with LanternClient(args.url, api_key=args.api_key) as client:
         return explain_images(client, images, options)
