@@ -1,0 +1,87 @@
+"""/predict throughput of two checkouts of Lantern, measured in one run, in alternating rounds.
+
+    git worktree add /tmp/before <commit>
+    .venv/bin/python -m bench.predict_ab /tmp/before .      # before vs after a change
+
+Both trees are served by this venv's `lantern serve` (each from its own working directory,
+so its own code), with the same registered ResNet-50 (random weights, fp32, 224 px), the
+same JPEGs and closed-loop clients at concurrency 8. Rounds alternate the order so that a
+machine getting busier or quieter does not favour one side. Prints images/s per round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.predict import ARCH, IMAGE_SIZE, free_port, load, make_jpegs, register_model
+
+
+def serve(tree: Path, tag: str, port: int, log: Path) -> subprocess.Popen[bytes]:
+    import httpx
+
+    env = {
+        **os.environ,
+        "LANTERN_MODEL": tag,
+        "LANTERN_PRECISION": "fp32",
+        "LANTERN_MAX_LATENCY_MS": "20000",
+        "BENTOML_DO_NOT_TRACK": "true",
+    }
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "lantern.cli", "serve", "--port", str(port)],
+            cwd=tree, env=env, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.terminate()
+    raise SystemExit(f"{tree} did not become ready; see {log}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("a", type=Path, help="first checkout (e.g. before a change)")
+    parser.add_argument("b", type=Path, help="second checkout (e.g. after it)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=240)
+    parser.add_argument("--concurrency", type=int, default=8)
+    args = parser.parse_args(argv)
+    tmp = Path(tempfile.mkdtemp(prefix="lantern-bench-ab-"))
+    os.environ["BENTOML_HOME"] = str(tmp / "home")
+    tag = register_model(tmp)
+    images = make_jpegs(32)
+    trees = {"a": args.a.resolve(), "b": args.b.resolve()}
+    results: dict[str, list[float]] = {"a": [], "b": []}
+    for round_ in range(args.rounds):
+        for side in ("a", "b") if round_ % 2 == 0 else ("b", "a"):
+            port = free_port()
+            proc = serve(trees[side], tag, port, tmp / f"{side}-{round_}.log")
+            try:
+                url = f"http://127.0.0.1:{port}"
+                asyncio.run(load(url, images, args.concurrency, 3 * args.concurrency))  # warm
+                result = asyncio.run(load(url, images, args.concurrency, args.requests))
+            finally:
+                proc.terminate()
+                proc.wait(timeout=60)
+            results[side].append(result.throughput)
+            print(f"round {round_ + 1} {side} ({trees[side]}): {result.throughput:.1f} images/s")
+    print(f"{ARCH} {IMAGE_SIZE} px fp32, concurrency {args.concurrency}, images/s per round:")
+    for side, values in results.items():
+        print(f"  {side} {trees[side]}: " + ", ".join(f"{v:.1f}" for v in values))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
