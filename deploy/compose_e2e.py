@@ -347,7 +347,8 @@ class Stack:
 
 
 def shape_png(seed: int = 0) -> bytes:
-    """A filled shape on a plain background, like the demo model's training images."""
+    """A filled shape on a plain background: any image the model must answer for (the demo
+    model, trained on generated glyphs, gives it some class; only the answer's form is checked)."""
     image = Image.new("RGB", (128, 128), (20 + 30 * seed, 40, 60))
     draw = ImageDraw.Draw(image)
     if seed % 2:
