@@ -193,14 +193,20 @@ def start_server(tag: str, port: int, log_path: Path, precision: str) -> subproc
 
 
 def launch_server(
-    port: int, log_path: Path, env: dict[str, str], ready_timeout_s: float
+    port: int,
+    log_path: Path,
+    env: dict[str, str],
+    ready_timeout_s: float,
+    cwd: Path | None = None,
 ) -> subprocess.Popen[bytes]:
-    """`lantern serve` on `port` with `env`, returned once /readyz answers 200."""
+    """`lantern serve` on `port` with `env`, returned once /readyz answers 200. `cwd`: the
+    checkout whose code it serves (its working directory comes first on sys.path)."""
     import httpx
 
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "lantern.cli", "serve", "--port", str(port)],
+            cwd=cwd,
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,

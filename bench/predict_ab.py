@@ -17,15 +17,20 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from bench.predict import ARCH, IMAGE_SIZE, free_port, load, make_jpegs, register_model
+from bench.predict import (
+    ARCH,
+    IMAGE_SIZE,
+    free_port,
+    launch_server,
+    load,
+    make_jpegs,
+    register_model,
+)
 
 
 def serve(tree: Path, tag: str, port: int, log: Path) -> subprocess.Popen[bytes]:
-    import httpx
-
     env = {
         **os.environ,
         "LANTERN_MODEL": tag,
@@ -33,21 +38,7 @@ def serve(tree: Path, tag: str, port: int, log: Path) -> subprocess.Popen[bytes]
         "LANTERN_MAX_LATENCY_MS": "20000",
         "BENTOML_DO_NOT_TRACK": "true",
     }
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "lantern.cli", "serve", "--port", str(port)],
-            cwd=tree, env=env, stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.terminate()
-    raise SystemExit(f"{tree} did not become ready; see {log}")
+    return launch_server(port, log, env, ready_timeout_s=120, cwd=tree)
 
 
 def main(argv: list[str] | None = None) -> int:
