@@ -171,6 +171,7 @@ class _Api:
         model: str | None,
         faithfulness: bool,
         force: bool,
+        compare_top: int | None = None,
     ) -> Call:
         data: dict[str, str] = {"methods": ",".join(methods)}
         if targets is not None:
@@ -186,6 +187,8 @@ class _Api:
             data["faithfulness"] = "true"
         if force:
             data["force"] = "true"
+        if compare_top is not None:
+            data["compare_top"] = str(compare_top)
         files = [("images", image) for image in images]
         return Call("POST", "/explain", {"data": data, "files": files})
 
@@ -348,11 +351,22 @@ class LanternClient:
         model: str | None = None,
         faithfulness: bool = False,
         force: bool = False,
+        compare_top: int | None = None,
     ) -> dict[str, Any]:
         """Submit a job: {"job_id", "status", "status_url", "cached", ...}. A request the
-        service has seen before comes back `cached` with its full status (maybe finished)."""
+        service has seen before comes back `cached` with its full status (maybe finished).
+        `compare_top=k` (2..5) also explains each image's k most probable classes: each
+        manifest image then has `compare`, one entry per class with its files."""
         call = _Api.explain(
-            images, methods, targets, layer, activation_layer, model, faithfulness, force
+            images,
+            methods,
+            targets,
+            layer,
+            activation_layer,
+            model,
+            faithfulness,
+            force,
+            compare_top,
         )
         return self._json(call)
 
@@ -452,10 +466,19 @@ class AsyncLanternClient:
         model: str | None = None,
         faithfulness: bool = False,
         force: bool = False,
+        compare_top: int | None = None,
     ) -> dict[str, Any]:
         """See LanternClient.explain."""
         call = _Api.explain(
-            images, methods, targets, layer, activation_layer, model, faithfulness, force
+            images,
+            methods,
+            targets,
+            layer,
+            activation_layer,
+            model,
+            faithfulness,
+            force,
+            compare_top,
         )
         return await self._json(call)
 

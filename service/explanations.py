@@ -28,10 +28,13 @@ from lantern.core.errors import (
     UnprocessableInput,
 )
 from lantern.core.jobs import (
+    COMPARE_TOP_MAX,
+    COMPARE_TOP_MIN,
     DEFAULT_LAYER,
     JobStatus,
     Method,
     check_layer_name,
+    compare_top_problem,
     find_or_enqueue,
     finished_from_manifest,
     image_names,
@@ -62,6 +65,7 @@ class ExplainOptions:
     model: str | None = None  # a concrete tag; None: the model the service serves
     force: bool = False
     faithfulness: bool = False
+    compare_top: int | None = None  # the maps of each image's top-k classes
 
 
 def parse_flag(params: dict[str, str], name: str) -> bool:
@@ -101,9 +105,9 @@ def resolve_model(value: str | None, served: Bundle) -> Bundle:
 def parse_options(
     params: dict[str, str], n_images: int, class_names: list[str], bundle: Bundle | None = None
 ) -> ExplainOptions:
-    """methods / targets / layer / activation_layer / force / faithfulness from query or
-    form values, checked; with `bundle` (the model the request explains: targets are its
-    classes), each layer the methods read must be one of its explainable layers (a
+    """methods / targets / layer / activation_layer / force / faithfulness / compare_top
+    from query or form values, checked; with `bundle` (the model the request explains:
+    targets are its classes), each layer the methods read must be one of its explainable layers (a
     bundle that does not record them accepts any syntactically valid name), and the
     options name its tag."""
     force = parse_flag(params, "force")
@@ -135,10 +139,43 @@ def parse_options(
             problem = bundle.layer_problem(name)
             if problem is not None:
                 raise UnprocessableInput(problem)
+    compare_top = _compare_top(params, methods, targets is not None, len(class_names))
     model = bundle.tag if bundle is not None else None
     return ExplainOptions(
-        methods, targets, layer, activation_layer, model, force=force, faithfulness=faithfulness
+        methods,
+        targets,
+        layer,
+        activation_layer,
+        model,
+        force=force,
+        faithfulness=faithfulness,
+        compare_top=compare_top,
     )
+
+
+def _compare_top(
+    params: dict[str, str], methods: list[Method], explicit_targets: bool, classes: int
+) -> int | None:
+    """compare_top sent as text: None when absent or empty, else k in
+    COMPARE_TOP_MIN..COMPARE_TOP_MAX (and at most the model's classes), without targets
+    and with at least one method whose map depends on the class; 422 otherwise."""
+    text = str(params.get("compare_top", "")).strip()
+    if not text:
+        return None
+    if not re.fullmatch(r"\d{1,3}", text):
+        raise UnprocessableInput(
+            f"compare_top must be a number of classes from {COMPARE_TOP_MIN} to "
+            f"{COMPARE_TOP_MAX}, not {text[:40]!r}"
+        )
+    k = int(text)
+    problem = compare_top_problem(k, methods, explicit_targets)
+    if problem is not None:
+        raise UnprocessableInput(problem)
+    if k > classes:
+        raise UnprocessableInput(
+            f"compare_top={k} asks for more classes than this model has ({classes})"
+        )
+    return k
 
 
 def _target(entry: str, class_names: list[str]) -> int | None:
@@ -200,6 +237,7 @@ class Explanations:
                 options.activation_layer,
                 settings=self.settings,
                 faithfulness=options.faithfulness,
+                compare_top=options.compare_top,
                 force=options.force,
                 request_id=request_id,
             )
@@ -223,6 +261,8 @@ class Explanations:
         if manifest:
             for image in manifest.get("images", []):
                 image["urls"] = artifact_urls(job_id, image.get("files", {}))
+                for compared in image.get("compare", []):  # compare_top: one per class
+                    compared["urls"] = artifact_urls(job_id, compared.get("files", {}))
         return {"job_id": job_id, **status}
 
     def resolve_model(self, value: str | None) -> Bundle:

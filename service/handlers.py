@@ -38,6 +38,7 @@ EXPLAIN_OPTIONS = (
     "model",
     "force",
     "faithfulness",
+    "compare_top",
 )
 EXPLAIN_FLAGS = ("force", "faithfulness")
 

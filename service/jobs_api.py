@@ -1,6 +1,7 @@
 """HTTP routes for asynchronous explanations.
 
-POST /explain              images + methods/targets/layer/model/force/faithfulness
+POST /explain              images + methods/targets/layer/model/force/faithfulness/
+                           compare_top
                            -> 202 {job_id, status_url} (200 with the job's status when an
                            identical job exists and force is not set)
 GET  /jobs/{id}            status, progress, readable error, manifest with artifact URLs
@@ -50,7 +51,12 @@ _OPTIONS_DOC = (
     "the manifest gives, per image and method, `faithfulness` with deletion_auc, "
     "insertion_auc, random_deletion_auc and random_insertion_auc. A deletion AUC below "
     "random and an insertion AUC above it mean the map points at what the prediction "
-    "rests on. Part of the job id."
+    "rests on. Part of the job id. "
+    "compare_top: 2 to 5, the maps of each image's k most probable classes in one job "
+    '("why this class and not that one?"): one forward pass and one gradient per class; '
+    "each manifest image gets `compare`, one entry per rank with the class label, index, "
+    "probability and its files (and `urls`) for every method that depends on the class. "
+    "Not with targets. Part of the job id."
 )
 
 
@@ -97,6 +103,9 @@ async def explain(
     faithfulness: bool | None = Query(
         None, description="score each map with deletion/insertion curves"
     ),
+    compare_top: str | None = Query(
+        None, description="2..5: also the maps of each image's k most probable classes"
+    ),
 ) -> Response:
     form: dict[str, str] = {}
     uploads = await handlers.read_explain_uploads(request, lantern.settings, fields=form)
@@ -108,6 +117,7 @@ async def explain(
         "model": model,
         "force": None if force is None else str(force).lower(),
         "faithfulness": None if faithfulness is None else str(faithfulness).lower(),
+        "compare_top": compare_top,
     }
     params = {**form, **{k: v for k, v in query.items() if v is not None}}
     body, status = await handlers.submit_explanation(lantern, uploads, params)

@@ -106,6 +106,9 @@ class ExplainInput(LanternInput):
     model: str | None = Field(None, description="Model version (default: the one served).")
     force: bool = Field(False, description="Recompute an identical finished job.")
     faithfulness: bool = Field(False, description="Score each map with deletion/insertion.")
+    compare_top: int | None = Field(
+        None, description="2..5: also the maps of each image's k most probable classes."
+    )
 
 
 class JobStatusInput(LanternInput):

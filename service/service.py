@@ -175,6 +175,7 @@ class Lantern:
         model: str | None = None,
         force: bool = False,
         faithfulness: bool = False,
+        compare_top: int | None = None,
         *,
         ctx: bentoml.Context,
     ) -> dict[str, Any]:
@@ -188,6 +189,7 @@ class Lantern:
             "model": model,
             "force": force,
             "faithfulness": faithfulness,
+            "compare_top": compare_top,
         }
         return await native.explain(self, ctx, images, options)
 

@@ -118,3 +118,15 @@ def test_every_method_states_its_definition_for_the_manifest() -> None:
     for cls in METHODS.values():
         assert len(cls.definition) > 40, cls
     assert "after the ReLU, before any normalisation" in METHODS[Method.GRADCAM].definition
+
+
+def test_the_contract_knows_which_maps_depend_on_the_class() -> None:
+    """lantern.core.jobs.CLASS_METHODS (what compare_top draws once per class) is exactly
+    the methods that read a gradient of the target's score."""
+    from lantern.core.jobs import CLASS_METHODS
+    from workers.methods import METHODS
+
+    reads_a_gradient = {
+        m for m, cls in METHODS.items() if cls.needs_layer_gradient or cls.needs_input_gradient
+    }
+    assert reads_a_gradient == CLASS_METHODS

@@ -123,6 +123,7 @@ def test_explain_documents_its_options_as_form_fields_too(doc: dict[str, Any]) -
         "model",
         "force",
         "faithfulness",
+        "compare_top",
     }
     assert set(form) == {"images"} | query
 

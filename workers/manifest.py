@@ -11,7 +11,15 @@ For every image and method:
     <name>.<method>.overlay.png    the same, blended over the original picture
 
 and for activations also the channel grid (PNG) and the channels themselves (float32,
-(k, h, w), native). The manifest (written last by the job: its presence means
+(k, h, w), native).
+
+With compare_top=k, each image's entry also has `compare`: one item per rank r = 1..k
+(its class label, index and probability, and per class-dependent method its files). Rank
+1 is the image's own top class, whose files are the ordinary ones above; ranks 2..k are
+written as `<name>.<method>.rank<r>.<kind>` (heatmap.png, overlay.png, npy,
+upsampled.npy).
+
+The manifest (written last by the job: its presence means
 "complete") records the model, the methods, the layers, per method what its raw map is
 (`maps`: shape, dtype, layer, definition, the upsampling and display scaling behind the
 PNGs), that BatchNorm is folded (`batchnorm`), and per image its prediction, explained
@@ -41,6 +49,14 @@ BATCHNORM = (
     "convolution includes its BatchNorm"
 )
 
+COMPARE = (
+    "compare_top=k: per image, `compare` lists its k most probable classes, most probable "
+    "first (rank, label, index, probability), each with its own maps for every method that "
+    "depends on the class (Grad-CAM, Grad-CAM++, LayerCAM, saliency), from one forward "
+    "pass and one gradient per class; rank 1's files are the image's ordinary files, rank "
+    "r's are <name>.<method>.rank<r>.<kind>"
+)
+
 
 def render_image(
     store: ArtifactStore,
@@ -65,18 +81,9 @@ def render_image(
     files: dict[str, dict[str, Any]] = {}
     for method in request.methods:
         m = method.value
-        native = ex.results[m].maps[row].numpy()
-        upsampled, unit = maps[m][0][row].numpy(), maps[m][1][row].numpy()
-        entry: dict[str, Any] = {
-            "heatmap": f"{name}.{m}.heatmap.png",
-            "overlay": f"{name}.{m}.overlay.png",
-            "raw": f"{name}.{m}.npy",
-            "upsampled": f"{name}.{m}.upsampled.npy",
-        }
-        store.write(job_id, entry["heatmap"], render.heatmap_png(unit))
-        store.write(job_id, entry["overlay"], render.overlay_png(original, unit, loaded.spec))
-        store.write(job_id, entry["raw"], render.npy_bytes(native))
-        store.write(job_id, entry["upsampled"], render.npy_bytes(upsampled))
+        entry = _write_map_files(
+            store, job_id, f"{name}.{m}", ex, m, row, maps[m], original, loaded
+        )
         if method == Method.ACTIVATIONS:
             result = ex.results[m]
             channels = result.extras["channels"][row].numpy()
@@ -100,6 +107,75 @@ def render_image(
         },
         "files": files,
     }
+
+
+def render_ranks(
+    store: ArtifactStore,
+    job_id: str,
+    request: ExplainRequest,
+    loaded: LoadedModel,
+    original: Image.Image,
+    index: int,
+    ranked: list[Explanation],
+    row: int,
+    rank_maps: list[dict[str, tuple[torch.Tensor, torch.Tensor]]],
+    first_files: dict[str, dict[str, Any]],
+) -> list[dict[str, Any]]:
+    """Image `index`'s `compare` list: per rank (ranked[r], rank_maps[r] as in
+    render_image), its class and, per method in rank_maps[r], its files. Rank 1's files
+    are `first_files` (render_image's, for the same class); the other ranks' are written
+    here."""
+    name = request.images[index].name
+    labels = loaded.class_names
+    compared = []
+    for r, (ex, maps) in enumerate(zip(ranked, rank_maps, strict=True), start=1):
+        target = int(ex.targets[row])
+        if r == 1:
+            files = {m: first_files[m] for m in maps}
+        else:
+            files = {
+                m: _write_map_files(
+                    store, job_id, f"{name}.{m}.rank{r}", ex, m, row, maps[m], original, loaded
+                )
+                for m in maps
+            }
+        compared.append(
+            {
+                "rank": r,
+                "label": labels[target],
+                "index": target,
+                "probability": float(ex.probabilities[row][target]),
+                "files": files,
+            }
+        )
+    return compared
+
+
+def _write_map_files(
+    store: ArtifactStore,
+    job_id: str,
+    stem: str,
+    ex: Explanation,
+    method: str,
+    row: int,
+    maps: tuple[torch.Tensor, torch.Tensor],
+    original: Image.Image,
+    loaded: LoadedModel,
+) -> dict[str, Any]:
+    """Write `<stem>.heatmap.png`, `.overlay.png`, `.npy` and `.upsampled.npy` of one map."""
+    native = ex.results[method].maps[row].numpy()
+    upsampled, unit = maps[0][row].numpy(), maps[1][row].numpy()
+    entry: dict[str, Any] = {
+        "heatmap": f"{stem}.heatmap.png",
+        "overlay": f"{stem}.overlay.png",
+        "raw": f"{stem}.npy",
+        "upsampled": f"{stem}.upsampled.npy",
+    }
+    store.write(job_id, entry["heatmap"], render.heatmap_png(unit))
+    store.write(job_id, entry["overlay"], render.overlay_png(original, unit, loaded.spec))
+    store.write(job_id, entry["raw"], render.npy_bytes(native))
+    store.write(job_id, entry["upsampled"], render.npy_bytes(upsampled))
+    return entry
 
 
 def describe_maps(
@@ -140,7 +216,7 @@ def build_manifest(
 ) -> dict[str, Any]:
     """The job's manifest; `maps` is describe_maps()'s answer."""
     spec = loaded.spec
-    return {
+    manifest: dict[str, Any] = {
         "job_id": job_id,
         "model": loaded.bundle.tag,
         "architecture": loaded.bundle.architecture,
@@ -154,3 +230,7 @@ def build_manifest(
         "created_at": datetime.now(UTC).isoformat(),
         "images": entries,
     }
+    if request.compare_top is not None:  # absent otherwise: plain manifests stay as they were
+        manifest["compare_top"] = request.compare_top
+        manifest["compare"] = COMPARE
+    return manifest

@@ -24,7 +24,7 @@ job has retries left.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,8 +45,13 @@ from lantern.core.redis_retry import retry_redis
 from lantern.core.store import ArtifactStore, write_manifest
 from workers import faithfulness
 from workers.context import WorkerContext, current_context
-from workers.engine import Explanation, explain_in_chunks, normalise
-from workers.manifest import build_manifest, describe_maps, render_image
+from workers.engine import (
+    Explanation,
+    explain_in_chunks,
+    explain_top_classes_in_chunks,
+    normalise,
+)
+from workers.manifest import build_manifest, describe_maps, render_image, render_ranks
 from workers.methods import make_method
 from workers.methods.base import ExplanationMethod, MethodResult
 from workers.model_cache import LoadedModel
@@ -111,8 +116,8 @@ class Prepared:
 
 def group_key(payload: Any) -> tuple[Any, ...] | None:
     """What jobs must share to be explained in one pass (model tag, methods in any order,
-    layer, activation layer), read from a raw payload without validating it; None for a
-    payload that is not even shaped like one (it then runs alone)."""
+    layer, activation layer, compare_top), read from a raw payload without validating it;
+    None for a payload that is not even shaped like one (it then runs alone)."""
     if not isinstance(payload, dict):
         return None
     try:
@@ -122,6 +127,7 @@ def group_key(payload: Any) -> tuple[Any, ...] | None:
             tuple(sorted(str(m) for m in payload["methods"])),
             str(layer),
             str(payload.get("activation_layer") or layer),
+            payload.get("compare_top"),
         )
     except (KeyError, TypeError):
         return None
@@ -170,6 +176,8 @@ def prepare_group(jobs: Sequence[tuple[str, Any]], context: WorkerContext) -> di
     for job_id, payload in jobs:
         try:
             request = parse_request(payload)
+            if request.compare_top is not None:
+                continue  # k maps per method and image: such a job runs its own pass
             loaded, originals, batch = _checked(request, job_id, context)
             classes = len(loaded.class_names)
             if any(t is not None and t >= classes for t in request.targets):
@@ -298,39 +306,70 @@ def run_job(
 
     entries: list[dict[str, Any]] = []
     shapes: dict[str, list[int]] = {}
-    passes = (
-        [(0, n, prepared.explanation)]
-        if prepared is not None
-        else explain_in_chunks(
-            loaded.model,
-            batch,
-            methods,
-            request.targets,
-            settings.explain_chunk_size,
-            loaded.device,
+    k = request.compare_top
+    # compare_top: the class-dependent methods get maps for each of the k top classes
+    per_class = [m for m in methods if m.needs_layer_gradient or m.needs_input_gradient]
+    passes: Any
+    if prepared is not None:
+        passes = [(0, n, [prepared.explanation])]
+    elif k is not None:
+        passes = explain_top_classes_in_chunks(
+            loaded.model, batch, methods, k, settings.explain_chunk_size, loaded.device
         )
-    )
-    for start, end, ex in passes:
+    else:
+        passes = (
+            (start, end, [ex])
+            for start, end, ex in explain_in_chunks(
+                loaded.model,
+                batch,
+                methods,
+                request.targets,
+                settings.explain_chunk_size,
+                loaded.device,
+            )
+        )
+    for start, end, ranked in passes:
+        ex = ranked[0]
         maps = {}
         for method in methods:
             shapes[method.name] = [int(d) for d in ex.results[method.name].maps.shape[-2:]]
             if prepared is not None:
                 maps[method.name] = prepared.maps[method.name]
                 continue
-            upsampled = ex.upsampled(method.name)
-            maps[method.name] = (upsampled, normalise(upsampled, method.display_quantile))
+            maps[method.name] = _display(ex, method)
+        rank_maps = [{m.name: maps[m.name] for m in per_class}] + [
+            {m.name: _display(other, m) for m in per_class} for other in ranked[1:]
+        ]
         for i in range(start, end):
             original: Image.Image = originals[i]
-            entry = render_image(store, job_id, request, loaded, original, i, ex, i - start, maps)
-            if request.faithfulness:
-                entry["faithfulness"] = faithfulness.score_maps(
-                    loaded.model,
-                    batch[i],
-                    {m.value: maps[m.value][0][i - start] for m in request.methods},
-                    int(ex.targets[i - start]),
-                    chunk_size=settings.explain_chunk_size,
-                    device=loaded.device,
+            row = i - start
+            entry = render_image(store, job_id, request, loaded, original, i, ex, row, maps)
+            if k is not None:
+                entry["compare"] = render_ranks(
+                    store,
+                    job_id,
+                    request,
+                    loaded,
+                    original,
+                    i,
+                    ranked,
+                    row,
+                    rank_maps,
+                    entry["files"],
                 )
+            if request.faithfulness:
+                score = _scorer(loaded, batch[i], settings.explain_chunk_size)
+                entry["faithfulness"] = score(
+                    {m.value: maps[m.value][0][row] for m in request.methods}, ex, row
+                )
+                for item, r_ex, r_maps in zip(
+                    entry.get("compare", []), ranked, rank_maps, strict=k is not None
+                ):
+                    item["faithfulness"] = (
+                        {m: entry["faithfulness"][m] for m in r_maps}
+                        if item["rank"] == 1  # the same maps and class: scored above
+                        else score({m: up[row] for m, (up, _) in r_maps.items()}, r_ex, row)
+                    )
             entries.append(entry)
         _progress(job, context, end, n)
 
@@ -342,6 +381,33 @@ def run_job(
     write_manifest(store, job_id, manifest)
     log.info("job %s: %d image(s) explained, manifest written", job_id, n)
     return {"manifest": "manifest.json", "images": n, "model": loaded.bundle.tag}
+
+
+def _scorer(
+    loaded: LoadedModel, image: torch.Tensor, chunk_size: int
+) -> Callable[[dict[str, torch.Tensor], Explanation, int], dict[str, dict[str, Any]]]:
+    """score(maps, ex, row): the faithfulness of `maps` (method -> upsampled map) for one
+    image, against the class `ex` explains in row `row`."""
+
+    def score(
+        maps: dict[str, torch.Tensor], ex: Explanation, row: int
+    ) -> dict[str, dict[str, Any]]:
+        return faithfulness.score_maps(
+            loaded.model,
+            image,
+            maps,
+            int(ex.targets[row]),
+            chunk_size=chunk_size,
+            device=loaded.device,
+        )
+
+    return score
+
+
+def _display(ex: Explanation, method: ExplanationMethod) -> tuple[torch.Tensor, torch.Tensor]:
+    """A chunk's maps of `method` at the input resolution, and those scaled for display."""
+    upsampled = ex.upsampled(method.name)
+    return upsampled, normalise(upsampled, method.display_quantile)
 
 
 def _progress(job: Any, context: WorkerContext, done: int, total: int) -> None:

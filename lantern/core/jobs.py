@@ -8,8 +8,9 @@
                    never imports workers (nor torch)
     payload        ExplainRequest, one JSON object, the job's only argument
     job id         make_job_id(): "ex-" + 32 hex digits of a SHA-256 over the image bytes,
-                   the model version, the methods, the targets, the layers and whether
-                   faithfulness curves are wanted; an identical request names the same job,
+                   the model version, the methods, the targets, the layers, whether
+                   faithfulness curves are wanted and how many top classes to compare
+                   (compare_top); an identical request names the same job,
                    so find_or_enqueue() reuses a finished one (unless forced to recompute)
     progress       job.meta["progress"] = {"done": images done, "total": images}
     request id     job.meta["request_id"], optional: the id of the HTTP request that
@@ -73,6 +74,12 @@ class Method(StrEnum):
 # The methods that read a layer (all but saliency, which reads the input's gradient);
 # tests/test_methods.py checks this against each implementation's `needs_layer`.
 LAYER_METHODS = frozenset({Method.GRADCAM, Method.GRADCAM_PP, Method.LAYERCAM, Method.ACTIVATIONS})
+# The methods whose map depends on the class explained (they read a gradient of its score):
+# the ones compare_top draws once per class. tests/test_methods.py checks this against
+# each implementation's needs_layer_gradient / needs_input_gradient.
+CLASS_METHODS = frozenset({Method.GRADCAM, Method.GRADCAM_PP, Method.LAYERCAM, Method.SALIENCY})
+# compare_top=k: the maps of each image's k most probable classes in one job.
+COMPARE_TOP_MIN, COMPARE_TOP_MAX = 2, 5
 
 
 def layers_needed(
@@ -100,6 +107,29 @@ def parse_methods(text: str) -> list[Method]:
     if unknown:
         raise ValueError(f"unknown method {', '.join(map(repr, unknown))}; choose from {choices}")
     return list(dict.fromkeys(Method(n) for n in names))
+
+
+def compare_top_problem(
+    compare_top: int, methods: Sequence[Method | str], explicit_targets: bool
+) -> str | None:
+    """Why a request cannot compare its top `compare_top` classes, or None if it can."""
+    if not COMPARE_TOP_MIN <= compare_top <= COMPARE_TOP_MAX:
+        return (
+            f"compare_top must be a number of classes from {COMPARE_TOP_MIN} to "
+            f"{COMPARE_TOP_MAX}, not {compare_top}"
+        )
+    if explicit_targets:
+        return (
+            "compare_top explains each image's most probable classes, so it cannot be "
+            "combined with targets; send one or the other"
+        )
+    if not {Method(str(m)) for m in methods} & CLASS_METHODS:
+        choices = ", ".join(sorted(m.value for m in CLASS_METHODS))
+        return (
+            "compare_top compares maps that depend on the class explained; add at least "
+            f"one of {choices} to methods"
+        )
+    return None
 
 
 def check_layer_name(name: str) -> str:
@@ -173,6 +203,11 @@ class ExplainRequest(BaseModel):
         description="Also score every map with deletion and insertion curves against a "
         "random-order baseline (workers.faithfulness).",
     )
+    compare_top: int | None = Field(
+        None,
+        description=f"Also explain each image's {COMPARE_TOP_MIN}..{COMPARE_TOP_MAX} most "
+        "probable classes, each with its own maps (targets must then all be null).",
+    )
     images: list[ExplainImage] = Field(min_length=1)
 
     @field_validator("version")
@@ -218,6 +253,11 @@ class ExplainRequest(BaseModel):
         names = [im.name for im in self.images]
         if len(set(names)) != len(names):
             raise ValueError("image names must be unique within a job")
+        if self.compare_top is not None:
+            explicit = any(t is not None for t in self.targets)
+            problem = compare_top_problem(self.compare_top, self.methods, explicit)
+            if problem is not None:
+                raise ValueError(problem)
         return self
 
     @property
@@ -252,10 +292,11 @@ def make_job_id(
     layer: str = DEFAULT_LAYER,
     activation_layer: str | None = None,
     faithfulness: bool = False,
+    compare_top: int | None = None,
 ) -> str:
     """'ex-' + 32 hex digits: identical requests (same bytes, names, model version, methods
-    in any order, targets, layers, faithfulness) get the same id. A request without
-    faithfulness keeps the id it had before the option existed."""
+    in any order, targets, layers, faithfulness, compare_top) get the same id. A request
+    without faithfulness or compare_top keeps the id it had before those options existed."""
     key = {
         "v": PAYLOAD_VERSION,
         "model": model,
@@ -267,6 +308,8 @@ def make_job_id(
     }
     if faithfulness:
         key["faithfulness"] = True
+    if compare_top is not None:
+        key["compare_top"] = compare_top
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
     return JOB_ID_PREFIX + digest[:32]
 
@@ -348,6 +391,7 @@ def build_request(
     store: ArtifactStore,
     settings: Settings,
     faithfulness: bool = False,
+    compare_top: int | None = None,
 ) -> ExplainRequest:
     """The payload; images over settings.inline_image_bytes are written to the store."""
     items: list[dict[str, Any]] = []
@@ -366,6 +410,7 @@ def build_request(
             "layer": layer,
             "activation_layer": activation_layer,
             "faithfulness": faithfulness,
+            **({"compare_top": compare_top} if compare_top is not None else {}),
             "images": items,
         }
     )
@@ -416,6 +461,7 @@ def find_or_enqueue(
     *,
     settings: Settings,
     faithfulness: bool = False,
+    compare_top: int | None = None,
     force: bool = False,
     request_id: str | None = None,
 ) -> tuple[str, bool]:
@@ -433,7 +479,9 @@ def find_or_enqueue(
     from rq.exceptions import DuplicateJobError
 
     check_image_count(len(images), settings)
-    job_id = make_job_id(images, model, methods, targets, layer, activation_layer, faithfulness)
+    job_id = make_job_id(
+        images, model, methods, targets, layer, activation_layer, faithfulness, compare_top
+    )
     current = job_status(connection, job_id, store, settings)
     done = (JobStatus.FAILED, JobStatus.FINISHED) if force else (JobStatus.FAILED,)
     if current is not None and current["status"] not in done:
@@ -453,6 +501,7 @@ def find_or_enqueue(
         store,
         settings,
         faithfulness=faithfulness,
+        compare_top=compare_top,
     )
     try:
         enqueue_explain(connection, request, job_id, settings, request_id=request_id)

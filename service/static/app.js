@@ -52,6 +52,7 @@
     explainButton: $("explain-button"),
     layer: $("layer"),
     faithfulness: $("faithfulness"),
+    compareTop: $("compare-top"),
     target: $("target"),
     job: $("job"),
     jobProgress: $("job-progress"),
@@ -348,11 +349,19 @@
       showError("Choose at least one explanation method.");
       return;
     }
+    const compareTop = el.compareTop.value;
+    if (compareTop !== "" && el.target.value !== "") {
+      showError(
+        "Comparing the top classes explains the image's own most probable classes: set “Class to explain” " +
+          "back to the top prediction, or stop comparing."
+      );
+      return;
+    }
     generation += 1;
-    explain(currentFile, methods, el.layer.value, el.target.value, generation, el.faithfulness.checked);
+    explain(currentFile, methods, el.layer.value, el.target.value, generation, el.faithfulness.checked, compareTop);
   });
 
-  async function explain(file, methods, layer, target, gen, faithfulness) {
+  async function explain(file, methods, layer, target, gen, faithfulness, compareTop) {
     clearError();
     resetResults();
     el.explainButton.disabled = true;
@@ -363,6 +372,7 @@
     form.append("layer", layer);
     if (target !== "") form.append("targets", target);
     if (faithfulness) form.append("faithfulness", "true");
+    if (compareTop) form.append("compare_top", compareTop);
     try {
       const { body } = await api("explain", { method: "POST", body: form });
       if (gen !== generation) return;
@@ -435,6 +445,7 @@
     const t = image.target;
     el.resultsSummary.textContent =
       "Explaining “" + t.label + "” (" + percent(t.probability) + ") at " + manifest.layer +
+      (image.compare ? " · beside its top " + image.compare.length + " classes" : "") +
       (cached ? " · answered from an earlier identical request" : "") + " · job " + jobId;
     el.results.replaceChildren(
       ...manifest.methods.map((method) => {
@@ -458,38 +469,77 @@
         row.append(heading, grid);
         const score = (image.faithfulness || {})[method];
         if (score) row.append(trustScore(score));
+        const compared = (image.compare || []).filter((c) => c.urls && c.urls[method + ".overlay"]);
+        if (compared.length) row.append(compareView(method, compared));
         return row;
       })
     );
-    el.downloadList.replaceChildren(
-      ...Object.keys(urls)
+    // Every file: the image's own, then each compared class's (rank 2 on: rank 1's are the image's own).
+    const downloads = Object.keys(urls)
+      .sort()
+      .map((key) => ({ key: key, url: urls[key], note: "" }));
+    (image.compare || []).slice(1).forEach((c) => {
+      Object.keys(c.urls || {})
         .sort()
-        .map((key) => {
-          const li = document.createElement("li");
-          const a = document.createElement("a");
-          a.href = urls[key];
-          a.download = urls[key].split("/").pop();
-          a.addEventListener("click", (event) => {
-            if (!apiKey) return; // a plain link works without keys
-            event.preventDefault();
-            blobUrl(urls[key]).then(
-              (url) => {
-                const save = document.createElement("a");
-                save.href = url;
-                save.download = a.download;
-                save.click();
-                setTimeout(() => URL.revokeObjectURL(url), 60000);
-              },
-              () => showError("Could not download " + a.download + ".")
-            );
-          });
-          const [method, kind] = key.split(".");
-          a.textContent = (METHOD_NAMES[method] || method) + " — " + (KIND_NAMES[kind] || kind);
-          li.append(a);
-          return li;
-        })
+        .forEach((key) => downloads.push({ key: key, url: c.urls[key], note: " (" + c.rank + ". " + c.label + ")" }));
+    });
+    el.downloadList.replaceChildren(
+      ...downloads.map(({ key, url, note }) => {
+        const li = document.createElement("li");
+        const a = document.createElement("a");
+        a.href = url;
+        a.download = url.split("/").pop();
+        a.addEventListener("click", (event) => {
+          if (!apiKey) return; // a plain link works without keys
+          event.preventDefault();
+          blobUrl(url).then(
+            (saved) => {
+              const save = document.createElement("a");
+              save.href = saved;
+              save.download = a.download;
+              save.click();
+              setTimeout(() => URL.revokeObjectURL(saved), 60000);
+            },
+            () => showError("Could not download " + a.download + ".")
+          );
+        });
+        const [method, kind] = key.split(".");
+        a.textContent = (METHOD_NAMES[method] || method) + " — " + (KIND_NAMES[kind] || kind) + note;
+        li.append(a);
+        return li;
+      })
     );
     el.resultsSection.hidden = false;
+  }
+
+  // compare_top: one method's overlays for each of the image's most probable classes, side by
+  // side, each headed by its class and probability, so "why this class and not that one?"
+  // is answered by looking.
+  function compareView(method, compared) {
+    const box = document.createElement("section");
+    box.className = "compare";
+    box.dataset.method = method;
+    const title = document.createElement("h4");
+    title.textContent = "Why this class and not another? Its top " + compared.length + " classes";
+    const maps = document.createElement("div");
+    maps.className = "compare-maps";
+    compared.forEach((c) => {
+      const item = document.createElement("div");
+      item.className = "compare-class";
+      item.dataset.rank = String(c.rank);
+      const head = document.createElement("h5");
+      head.className = "compare-label";
+      head.textContent = c.label + " · " + percent(c.probability);
+      const fig = figure(
+        c.urls[method + ".overlay"],
+        "Overlay",
+        (METHOD_NAMES[method] || method) + " for " + c.label
+      );
+      item.append(head, fig);
+      maps.append(item);
+    });
+    box.append(title, maps);
+    return box;
   }
 
   // Deletion / insertion AUCs of one map beside the random-order baseline, and how to read them.

@@ -51,6 +51,11 @@ class ExplanationMethod:
             raise ValueError(f"{self.name} needs a layer name")
         self.layer = layer if self.needs_layer else None
 
+    @property
+    def layers_read(self) -> tuple[str, ...]:
+        """The layers whose outputs the engine must capture for this method."""
+        return (self.layer,) if self.layer else ()
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(layer={self.layer!r})"
 
