@@ -478,8 +478,6 @@ def main(argv: list[str] | None = None) -> int:
     except NoCuda as e:
         print(e, file=sys.stderr)
         return 1
-    finally:
-        shutil.rmtree(predict._HOME, ignore_errors=True)
 
     report = {
         "device": device,
@@ -505,4 +503,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    finally:  # bench.predict's temporary model store, made when it was imported
+        shutil.rmtree(predict._HOME, ignore_errors=True)

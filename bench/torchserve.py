@@ -377,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     work = predict._HOME / "work"
     work.mkdir(parents=True, exist_ok=True)
     killed: list[str] = []
+    finished = False
     try:
         print("registering the benchmark's ResNet-50 (+ INT8 graph) ...", flush=True)
         tag = predict.register_model(work)
@@ -405,9 +406,12 @@ def main(argv: list[str] | None = None) -> int:
             torchserve = bench_torchserve(server, requests)
         finally:
             killed = server.stop()
+        finished = True
     finally:
-        shutil.rmtree(predict._HOME, ignore_errors=True)
-        shutil.rmtree(home, ignore_errors=True)
+        if finished:
+            shutil.rmtree(home, ignore_errors=True)
+        else:  # its logs say why TorchServe failed
+            print(f"TorchServe's config and logs are kept in {home}", file=sys.stderr)
 
     header = [
         "TorchServe side by side: ResNet-50, 224 px, 10 classes, the same random weights "
@@ -443,4 +447,7 @@ def _version(package: str) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    finally:  # bench.predict's temporary model store, made when it was imported
+        shutil.rmtree(predict._HOME, ignore_errors=True)
