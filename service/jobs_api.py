@@ -31,7 +31,9 @@ log = logging.getLogger("lantern.service")
 
 _OPTIONS_DOC = (
     "Parameters may also be sent as form fields. methods: comma-separated gradcam, "
-    "gradcam_pp, saliency, activations. targets: one class index (or name) per image, "
+    "gradcam_pp, layercam, saliency, activations, depth (the strongest feature maps of the "
+    "stem and layer1 to layer4 as one PNG per image, and each stage's channels). "
+    "targets: one class index (or name) per image, "
     "comma-separated; an empty entry means the image's own top class. layer: the module "
     "for Grad-CAM (default layer4); activation_layer: the module whose feature maps are shown. "
     "Both must be convolutional feature maps of the model (GET /model lists them): any "

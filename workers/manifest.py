@@ -13,6 +13,14 @@ For every image and method:
 and for activations also the channel grid (PNG) and the channels themselves (float32,
 (k, h, w), native).
 
+depth has no single map, so none of the four files above; instead
+
+    <name>.depth.png               one row per stage (stem, layer1 .. layer4), its strongest
+                                   channels side by side, each tile enlarged (nearest)
+    <name>.depth.<layer>.npy       each stage's channels, float32 (k, h, w), native
+
+with `stages` in the entry (layer, label, shape, channel_index, file) and the tile size.
+
 With compare_top=k, each image's entry also has `compare`: one item per rank r = 1..k
 (its class label, index and probability, and per class-dependent method its files). Rank
 1 is the image's own top class, whose files are the ordinary ones above; ranks 2..k are
@@ -40,6 +48,7 @@ from lantern.core.store import ArtifactStore
 from workers import render
 from workers.engine import UPSAMPLING, Explanation
 from workers.methods import ExplanationMethod
+from workers.methods.depth import Depth, stage_label
 from workers.model_cache import LoadedModel
 
 BATCHNORM = (
@@ -81,6 +90,9 @@ def render_image(
     files: dict[str, dict[str, Any]] = {}
     for method in request.methods:
         m = method.value
+        if method == Method.DEPTH:
+            files[m] = _write_depth_files(store, job_id, name, ex, row)
+            continue
         entry = _write_map_files(
             store, job_id, f"{name}.{m}", ex, m, row, maps[m], original, loaded
         )
@@ -151,6 +163,34 @@ def render_ranks(
     return compared
 
 
+def _write_depth_files(
+    store: ArtifactStore, job_id: str, name: str, ex: Explanation, row: int
+) -> dict[str, Any]:
+    """Write the depth PNG and each stage's channels; the entry that lists them."""
+    extras = ex.results[Method.DEPTH.value].extras
+    layers = [key.removesuffix(".channels") for key in extras if key.endswith(".channels")]
+    rows = [(stage_label(layer), extras[f"{layer}.channels"][row].numpy()) for layer in layers]
+    entry: dict[str, Any] = {"grid": f"{name}.depth.png", "tile": render.depth_tile(rows)}
+    store.write(job_id, entry["grid"], render.depth_png(rows))
+    stages = []
+    for layer, (label, channels) in zip(layers, rows, strict=True):
+        file = f"{name}.depth.{layer}.npy"
+        store.write(job_id, file, render.npy_bytes(channels))
+        entry[f"channels.{layer}"] = file
+        index = extras[f"{layer}.channel_index"][row]
+        stages.append(
+            {
+                "layer": layer,
+                "label": label,
+                "shape": [int(d) for d in channels.shape],
+                "channel_index": [int(c) for c in index],
+                "file": file,
+            }
+        )
+    entry["stages"] = stages
+    return entry
+
+
 def _write_map_files(
     store: ArtifactStore,
     job_id: str,
@@ -186,6 +226,20 @@ def describe_maps(
     `shapes[method]` is the native (h, w) of its maps, as computed."""
     described: dict[str, dict[str, Any]] = {}
     for method in methods:
+        if isinstance(method, Depth):
+            described[method.name] = {
+                "layers": list(method.stages),
+                "dtype": "float32",
+                "definition": method.definition,
+                "normalised": False,
+                "channels": f"float32 (k, h, w) per stage, k <= {method.top}, native resolution",
+                "display": (
+                    f"one row per stage, shallow to deep; each channel scaled to [0, 1] on its "
+                    f"own, {render.GRID_COLORMAP} colour map, enlarged without smoothing "
+                    f"(nearest) to tiles of at least {render.DEPTH_TILE_MIN} px"
+                ),
+            }
+            continue
         quantile = method.display_quantile
         top = "maximum" if quantile >= 1.0 else f"{quantile:g} quantile (values above it are 1)"
         info: dict[str, Any] = {

@@ -21,6 +21,8 @@ GRID_COLORMAP = "viridis"
 OVERLAY_ALPHA = 0.5  # weight of the heatmap where the map is 1
 GRID_TILE_MIN = 48  # px: small feature maps are enlarged (nearest) to at least this
 GRID_GAP = 2
+DEPTH_TILE_MIN = 96  # px: every tile of the depth view is at least this, whatever the stage
+DEPTH_LABEL_WIDTH = 112  # px: the column naming each row's stage
 
 
 @lru_cache(maxsize=4)
@@ -104,6 +106,61 @@ def activation_grid_image(channels: np.ndarray) -> Image.Image:
 
 def activation_grid_png(channels: np.ndarray) -> bytes:
     return png_bytes(activation_grid_image(channels))
+
+
+def depth_tile(stages: list[tuple[str, np.ndarray]]) -> int:
+    """The side of every tile of the depth view: DEPTH_TILE_MIN, or the largest stage's
+    own side when that is larger (never shrunk)."""
+    largest = max((max(c.shape[-2:]) for _, c in stages), default=1)
+    return max(DEPTH_TILE_MIN, int(largest))
+
+
+def depth_image(stages: list[tuple[str, np.ndarray]]) -> Image.Image:
+    """One row per (label, channels (k, h, w)), shallow stage first: the label, then the
+    k channels, strongest first, each scaled to [0, 1] on its own and enlarged (nearest,
+    so the stage's cells stay visible) to depth_tile() x depth_tile() px."""
+    from PIL import ImageDraw
+
+    tile = depth_tile(stages)
+    cols = max((c.shape[0] for _, c in stages), default=1)
+    rows = len(stages)
+    width = DEPTH_LABEL_WIDTH + cols * tile + (cols + 1) * GRID_GAP
+    height = rows * tile + (rows + 1) * GRID_GAP
+    canvas = np.full((height, width, 3), 255, np.uint8)
+    for r, (_, channels) in enumerate(stages):
+        y = GRID_GAP + r * (tile + GRID_GAP)
+        for c, channel in enumerate(channels):
+            x = DEPTH_LABEL_WIDTH + GRID_GAP + c * (tile + GRID_GAP)
+            canvas[y : y + tile, x : x + tile] = _nearest(
+                colourise(_unit(channel), GRID_COLORMAP), tile
+            )
+    image = Image.fromarray(canvas)
+    draw = ImageDraw.Draw(image)
+    for r, (label, channels) in enumerate(stages):
+        y = GRID_GAP + r * (tile + GRID_GAP) + tile // 2
+        k, h, w = channels.shape
+        draw.text((6, y - 12), label, fill=(0, 0, 0))
+        draw.text((6, y + 2), f"{h}x{w} px, top {k}", fill=(90, 90, 90))
+    return image
+
+
+def depth_png(stages: list[tuple[str, np.ndarray]]) -> bytes:
+    return png_bytes(depth_image(stages))
+
+
+def _unit(channel: np.ndarray) -> np.ndarray:
+    c = channel.astype(np.float32)
+    lo, hi = float(c.min()), float(c.max())
+    return (c - lo) / (hi - lo) if hi > lo else np.zeros_like(c)
+
+
+def _nearest(rgb: np.ndarray, size: int) -> np.ndarray:
+    """(h, w, 3) -> (size, size, 3), each output pixel the input cell it falls in."""
+    h, w = rgb.shape[:2]
+    rows = (np.arange(size) * h) // size
+    cols = (np.arange(size) * w) // size
+    out: np.ndarray = rgb[rows][:, cols]
+    return out
 
 
 def npy_bytes(raw: np.ndarray) -> bytes:

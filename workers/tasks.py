@@ -214,7 +214,7 @@ def prepare_group(jobs: Sequence[tuple[str, Any]], context: WorkerContext) -> di
     whole = _concat(chunks)
     # Upsampled and normalised once for all (per call, normalise costs the same for one
     # map as for a chunk of them); each image is still scaled on its own.
-    maps = {m.name: _display_maps(chunks, m) for m in methods}
+    maps = {m.name: _display_maps(chunks, m) for m in methods if m.has_map}
     prepared: dict[str, Prepared] = {}
     start = 0
     for job_id, request, job_loaded, originals, batch in members:
@@ -331,7 +331,7 @@ def run_job(
     for start, end, ranked in passes:
         ex = ranked[0]
         maps = {}
-        for method in methods:
+        for method in filter(lambda m: m.has_map, methods):  # depth: no one map to draw
             shapes[method.name] = [int(d) for d in ex.results[method.name].maps.shape[-2:]]
             if prepared is not None:
                 maps[method.name] = prepared.maps[method.name]
@@ -360,7 +360,7 @@ def run_job(
             if request.faithfulness:
                 score = _scorer(loaded, batch[i], settings.explain_chunk_size)
                 entry["faithfulness"] = score(
-                    {m.value: maps[m.value][0][row] for m in request.methods}, ex, row
+                    {name: up[row] for name, (up, _) in maps.items()}, ex, row
                 )
                 for item, r_ex, r_maps in zip(
                     entry.get("compare", []), ranked, rank_maps, strict=k is not None

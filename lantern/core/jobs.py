@@ -69,15 +69,20 @@ class Method(StrEnum):
     SALIENCY = "saliency"
     ACTIVATIONS = "activations"
     LAYERCAM = "layercam"
+    DEPTH = "depth"
 
 
-# The methods that read a layer (all but saliency, which reads the input's gradient);
-# tests/test_methods.py checks this against each implementation's `needs_layer`.
+# The methods that read the request's layer (not saliency, which reads the input's gradient,
+# nor depth, which reads its own fixed stages, DEPTH_LAYERS); tests/test_methods.py checks
+# this against each implementation's `needs_layer`.
 LAYER_METHODS = frozenset({Method.GRADCAM, Method.GRADCAM_PP, Method.LAYERCAM, Method.ACTIVATIONS})
 # The methods whose map depends on the class explained (they read a gradient of its score):
 # the ones compare_top draws once per class. tests/test_methods.py checks this against
 # each implementation's needs_layer_gradient / needs_input_gradient.
 CLASS_METHODS = frozenset({Method.GRADCAM, Method.GRADCAM_PP, Method.LAYERCAM, Method.SALIENCY})
+# What 'depth' shows: the stem (after conv1, bn1 and its ReLU) and the four stages of a
+# ResNet (models.network), shallow to deep; the door checks them like any layer.
+DEPTH_LAYERS = ("relu", "layer1", "layer2", "layer3", "layer4")
 # compare_top=k: the maps of each image's k most probable classes in one job.
 COMPARE_TOP_MIN, COMPARE_TOP_MAX = 2, 5
 
@@ -86,13 +91,16 @@ def layers_needed(
     methods: Sequence[Method | str], layer: str, activation_layer: str | None
 ) -> list[str]:
     """The layers a request's methods read: `layer` for Grad-CAM(++) and LayerCAM,
-    `activation_layer` (default `layer`) for activations; none for saliency alone."""
+    `activation_layer` (default `layer`) for activations, DEPTH_LAYERS for depth; none
+    for saliency alone."""
     chosen = {Method(str(m)) for m in methods}
     needed = []
     if chosen & {Method.GRADCAM, Method.GRADCAM_PP, Method.LAYERCAM}:
         needed.append(layer)
     if Method.ACTIVATIONS in chosen:
         needed.append(activation_layer or layer)
+    if Method.DEPTH in chosen:
+        needed.extend(DEPTH_LAYERS)
     return list(dict.fromkeys(needed))
 
 

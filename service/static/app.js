@@ -24,6 +24,7 @@
     layercam: "LayerCAM",
     saliency: "Saliency",
     activations: "Activations",
+    depth: "Across depth",
   };
   const KIND_NAMES = {
     heatmap: "Heatmap",
@@ -31,6 +32,7 @@
     grid: "Activation grid",
     raw: "Raw map (.npy)",
     channels: "Channels (.npy)",
+    depth: "Strongest feature maps by stage",
   };
 
   const $ = (id) => document.getElementById(id);
@@ -460,6 +462,10 @@
         const grid = document.createElement("div");
         grid.className = "result-images";
         grid.append(figure(previewUrl, "Original", "The image you chose"));
+        if (method === "depth") {
+          row.append(heading, grid, depthView(image.files.depth, urls["depth.grid"]));
+          return row;
+        }
         ["heatmap", "overlay", "grid"].forEach((kind) => {
           const url = urls[method + "." + kind];
           if (url) {
@@ -503,13 +509,32 @@
             () => showError("Could not download " + a.download + ".")
           );
         });
-        const [method, kind] = key.split(".");
-        a.textContent = (METHOD_NAMES[method] || method) + " — " + (KIND_NAMES[kind] || kind) + note;
+        const [method, kind, layer] = key.split(".");
+        const what = method === "depth" && kind === "grid" ? KIND_NAMES.depth : KIND_NAMES[kind] || kind;
+        a.textContent = (METHOD_NAMES[method] || method) + " — " + what + (layer ? " (" + layer + ")" : "") + note;
         li.append(a);
         return li;
       })
     );
     el.resultsSection.hidden = false;
+  }
+
+  // depth: one PNG, a row per stage (stem, layer1 … layer4), each with its strongest channels.
+  function depthView(files, url) {
+    const box = document.createElement("div");
+    box.className = "depth";
+    const fig = figure(url, KIND_NAMES.depth, "The strongest feature maps of each stage, stem to layer4");
+    fig.classList.add("depth-figure");
+    const how = document.createElement("p");
+    how.className = "small muted";
+    const stages = ((files && files.stages) || []).map((s) => s.label + " " + s.shape.slice(1).join("×"));
+    how.textContent =
+      "Each row is one stage of the network, from the stem (fine, close to the pixels) to the last stage " +
+      "(coarse, close to the decision): " + stages.join(", ") + ". Each tile is one of that stage's " +
+      (files && files.stages && files.stages[0] ? files.stages[0].shape[0] : "") +
+      " strongest channels, enlarged without smoothing so every cell of the feature map stays visible.";
+    box.append(fig, how);
+    return box;
   }
 
   // compare_top: one method's overlays for each of the image's most probable classes, side by

@@ -9,13 +9,14 @@ from __future__ import annotations
 from lantern.core.jobs import Method
 from workers.methods.activations import Activations
 from workers.methods.base import ExplanationMethod, MethodResult, PassOutputs
+from workers.methods.depth import Depth
 from workers.methods.gradcam import GradCAM
 from workers.methods.gradcam_pp import GradCAMPlusPlus
 from workers.methods.layercam import LayerCAM
 from workers.methods.saliency import Saliency
 
 METHODS: dict[Method, type[ExplanationMethod]] = {
-    Method(m.name): m for m in (GradCAM, GradCAMPlusPlus, LayerCAM, Saliency, Activations)
+    Method(m.name): m for m in (GradCAM, GradCAMPlusPlus, LayerCAM, Saliency, Activations, Depth)
 }
 
 
@@ -36,6 +37,7 @@ def make_method(
 __all__ = [
     "METHODS",
     "Activations",
+    "Depth",
     "ExplanationMethod",
     "GradCAM",
     "GradCAMPlusPlus",

@@ -43,6 +43,9 @@ class ExplanationMethod:
     # Maps are scaled to [0, 1] for display against this quantile of each map, not its
     # maximum: pixel-level maps are dominated by a few extreme values otherwise.
     display_quantile: ClassVar[float] = 1.0
+    # False for a method with no one map per image (depth): no heatmap, overlay or
+    # faithfulness score; its results are all in MethodResult.extras.
+    has_map: ClassVar[bool] = True
     # What the raw map is, exactly, for the job manifest (workers.manifest).
     definition: ClassVar[str] = ""
 
