@@ -5,7 +5,8 @@ in jobs of `options.batch_size`, keeps `options.parallel` jobs in flight, and fo
 image `cats/tom.jpg` writes `<out>/cats/tom/` holding every artifact of its job, under
 the very names the API gives them (`tom.gradcam.heatmap.png`, `tom.gradcam.npy`, ...:
 the name the user sent, lantern.core.jobs.image_names) and, last, `result.json`: the
-prediction, the explained class and where the files came from. That file is the "done"
+prediction, the explained class and where the files came from (with compare_top, also each
+compared class and its files: `compare`). That file is the "done"
 marker: a re-run skips every image whose result.json matches the image's bytes and the
 requested methods and layers, so an interrupted run resumes without sending finished
 images again. `<out>/predictions.csv` lists every image with its prediction or the reason
@@ -53,6 +54,7 @@ class BatchOptions:
     job_timeout: float = 1800.0
     progress: bool = True
     faithfulness: bool = False
+    compare_top: int | None = None  # the maps of each image's k most probable classes
 
 
 @dataclass
@@ -82,6 +84,8 @@ def explain_images(client: Any, images: list[Any], options: BatchOptions) -> int
     }
     if options.faithfulness:  # only then: results of runs without it still match and resume
         request["faithfulness"] = True
+    if options.compare_top is not None:  # likewise
+        request["compare_top"] = options.compare_top
     outcomes: dict[str, Outcome] = {}
     todo = []
     for image in images:
@@ -157,6 +161,7 @@ class _Run:
                 layer=self.options.layer,
                 activation_layer=self.options.activation_layer,
                 faithfulness=self.options.faithfulness,
+                compare_top=self.options.compare_top,
             )
         except RequestRejected as e:
             if not batches.rejected(chunk, e):
@@ -167,6 +172,14 @@ class _Run:
         if answer.get("cached") and answer.get("status") in ("finished", "failed"):
             job.status = answer  # known already: no need to ask again
         return job
+
+    def fetch(self, job: Submitted, url: str, folder: Path) -> str:
+        """Download one artifact into `folder` under the API's own file name; that name."""
+        name = PurePosixPath(url).name
+        if not is_valid_file_name(name):
+            raise _protocol_error(job.job_id, f"names a file {name!r}")
+        self.client.download(url, folder / name)
+        return name
 
     def poll(self, job: Submitted) -> bool:
         """Advance the job; True once it is settled (downloaded, or failed)."""
@@ -205,14 +218,21 @@ class _Run:
             raise _protocol_error(job.job_id, "has a manifest that does not match its images")
         for image, entry in zip(job.chunk, entries, strict=True):
             folder = self.options.out / image.key
-            files = {}
+            files: dict[str, str] = {}
+            compared = []
             try:
+                fetched: dict[str, str] = {}  # url: name, so each file is fetched once
                 for key, url in sorted(entry.get("urls", {}).items()):
-                    name = PurePosixPath(url).name  # the API's own file name
-                    if not is_valid_file_name(name):
-                        raise _protocol_error(job.job_id, f"names a file {name!r}")
-                    self.client.download(url, folder / name)
-                    files[key] = name
+                    files[key] = fetched[url] = self.fetch(job, url, folder)
+                for item in entry.get("compare", []):  # rank 1's files are the image's own
+                    item_files = {
+                        key: fetched.get(url) or self.fetch(job, url, folder)
+                        for key, url in sorted(item.get("urls", {}).items())
+                    }
+                    compared.append(
+                        {k: item.get(k) for k in ("rank", "label", "index", "probability")}
+                        | {"files": item_files}
+                    )
             except RequestRejected as e:  # e.g. expired between the status and the download
                 self.outcomes[image.key] = Outcome("failed", error=f"download failed: {e}")
                 continue
@@ -235,12 +255,24 @@ class _Run:
                 },
                 "files": files,
             }
+            if "depth" in entry.get("files", {}):
+                result["depth"] = entry["files"]["depth"].get("stages")
             if self.options.faithfulness:
                 result["faithfulness"] = entry.get("faithfulness")
+            if compared:
+                result["compare"] = compared
             _write_json_atomically(folder / RESULT_FILE, result)  # last: the "done" marker
             self.outcomes[image.key] = Outcome("ok", result)
         self.bar.update(len(job.chunk) - job.shown)
         job.shown = len(job.chunk)
+
+
+def _all_files(result: dict[str, Any]) -> list[str]:
+    """Every file a result.json names: its own, and those of each compared class."""
+    names = list(result.get("files", {}).values())
+    for item in result.get("compare", []):
+        names.extend(item.get("files", {}).values())
+    return names
 
 
 def _finished_result(folder: Path, source: Path, request: dict[str, Any]) -> dict[str, Any] | None:
@@ -253,7 +285,7 @@ def _finished_result(folder: Path, source: Path, request: dict[str, Any]) -> dic
         return None
     if result.get("sha256") != _sha256(source):
         return None
-    if not all((folder / name).is_file() for name in result.get("files", {}).values()):
+    if not all((folder / name).is_file() for name in _all_files(result)):
         return None
     return result
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 from pathlib import Path
 from typing import Any
 
@@ -305,3 +306,37 @@ def test_compare_top_through_the_api_and_the_real_worker(stack: Stack) -> None: 
             timeout=30,
         )
         assert mixed.status_code == 422 and "targets" in mixed.json()["error"], mixed.text
+
+
+@pytest.mark.integration
+def test_lantern_explain_saves_every_compared_class_and_resumes(
+    stack: Stack,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    from tests.test_client import lantern
+
+    (tmp_path / "a.png").write_bytes(shape_png(2))
+    args = ("explain", "a.png", "--url", stack.url, "--methods", "gradcam,depth", "--out", "maps")
+    result = lantern(*args, "--compare-top", "2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    folder = tmp_path / "maps" / "a"
+    saved = json.loads((folder / "result.json").read_text())
+    assert saved["request"]["compare_top"] == 2
+    compared = saved["compare"]
+    assert [c["rank"] for c in compared] == [1, 2]
+    assert compared[0]["index"] == saved["prediction"]["index"]
+    assert compared[0]["files"]["gradcam.heatmap"] == saved["files"]["gradcam.heatmap"]
+    assert compared[1]["files"]["gradcam.heatmap"] == "a.gradcam.rank2.heatmap.png"
+    for item in compared:
+        for name in item["files"].values():
+            assert (folder / name).is_file(), name
+    assert [s["label"] for s in saved["depth"]] == ["stem", "layer1", "layer2", "layer3", "layer4"]
+    assert (folder / saved["files"]["depth.grid"]).is_file()
+    again = lantern(*args, "--compare-top", "2", cwd=tmp_path)
+    assert again.returncode == 0 and "(1 from an earlier run)" in again.stdout, again.stdout
+    plain = lantern(*args, cwd=tmp_path)  # another request: not taken as done
+    assert plain.returncode == 0 and "(0 from an earlier run)" in plain.stdout, plain.stdout
+    assert "compare" not in json.loads((folder / "result.json").read_text())
+    bad = lantern(*args, "--compare-top", "7", cwd=tmp_path)
+    assert bad.returncode == 2
+    assert "--compare-top must be a number of classes from 2 to 5, not 7" in bad.stderr

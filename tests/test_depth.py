@@ -64,7 +64,8 @@ class TwoStages(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.stem = nn.Conv2d(1, 5, 1, bias=False)
-        self.deep = nn.Sequential(nn.MaxPool2d(2), nn.Conv2d(5, 6, 1, bias=False))
+        mix = nn.Conv2d(5, 6, 1, bias=False)
+        self.deep = nn.Sequential(nn.MaxPool2d(2), mix)
         self.fc = nn.Linear(6, 2)
         self.forwards: list[bool] = []  # per forward pass: whether autograd was recording
         with torch.no_grad():
@@ -73,7 +74,7 @@ class TwoStages(nn.Module):
             f = torch.tensor([1.0, -2.0, 4.0, 0.5, 3.0, 2.0])
             pick = torch.zeros(6, 5)
             pick[:, 4] = f
-            self.deep[1].weight.copy_(pick[:, :, None, None])
+            mix.weight.copy_(pick[:, :, None, None])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.forwards.append(torch.is_grad_enabled())

@@ -19,7 +19,7 @@ DEFAULT_PARALLEL = 2
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from lantern.client import DEFAULT_URL
-    from lantern.core.jobs import DEFAULT_LAYER, Method
+    from lantern.core.jobs import COMPARE_TOP_MAX, COMPARE_TOP_MIN, DEFAULT_LAYER, Method
 
     p.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="image files or folders")
     p.add_argument("--url", default=DEFAULT_URL, help="the Lantern service")
@@ -59,6 +59,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="also score every map: deletion and insertion AUCs beside a random pixel order's, "
         "in each image's result.json (slower: the worker runs the perturbation curves)",
     )
+    p.add_argument(
+        "--compare-top",
+        type=int,
+        default=None,
+        metavar="K",
+        help=f"also explain each image's K ({COMPARE_TOP_MIN}-{COMPARE_TOP_MAX}) most probable "
+        "classes, each with its own maps (ranks 2.. as <name>.<method>.rank<r>.*), listed under "
+        "'compare' in result.json",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -76,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     from lantern.batch import BatchOptions, explain_images
     from lantern.client import LanternClient, collect_images, quiet_http_logs
     from lantern.core.errors import UsageError
-    from lantern.core.jobs import check_layer_name, parse_methods
+    from lantern.core.jobs import check_layer_name, compare_top_problem, parse_methods
 
     quiet_http_logs(getattr(args, "verbose", False))
     try:
@@ -85,6 +94,10 @@ def run(args: argparse.Namespace) -> int:
             check_layer_name(layer)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    if args.compare_top is not None:
+        problem = compare_top_problem(args.compare_top, methods, explicit_targets=False)
+        if problem is not None:
+            raise UsageError(problem.replace("compare_top", "--compare-top", 1))
     if args.batch_size < 1 or args.parallel < 1:
         raise UsageError("--batch-size and --parallel must be at least 1")
     images = collect_images(args.paths, exclude=args.out)
@@ -100,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
         job_timeout=args.job_timeout,
         progress=not args.no_progress,
         faithfulness=args.faithfulness,
+        compare_top=args.compare_top,
     )
     with LanternClient(args.url, api_key=args.api_key) as client:
         return explain_images(client, images, options)
