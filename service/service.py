@@ -209,7 +209,13 @@ class Lantern:
         return self.spec.apply_batch(images)
 
     def decode(self, upload: Upload) -> Image.Image:
-        return decode_image(upload.data, max_pixels=self.settings.max_pixels, name=upload.name)
+        # Decoded no larger than the resize needs (large JPEGs at reduced scale).
+        return decode_image(
+            upload.data,
+            max_pixels=self.settings.max_pixels,
+            name=upload.name,
+            reduce_for=self.spec.resize_size,
+        )
 
     def answer(self, probabilities: np.ndarray, k: int) -> dict[str, Any]:
         top = classifier.top_k(probabilities, k)

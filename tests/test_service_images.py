@@ -125,6 +125,50 @@ def test_large_photo_keeps_its_size() -> None:
     assert decode_image(jpeg((640, 480)), max_pixels=LIMIT).size == (640, 480)
 
 
+def _textured(size: tuple[int, int], seed: int = 0) -> Image.Image:
+    """A photo-like picture: smooth colour fields with fine grain on top."""
+    rng = np.random.default_rng(seed)
+    base = Image.fromarray(rng.integers(0, 256, (9, 12, 3), dtype=np.uint8)).resize(
+        size, Image.Resampling.BICUBIC
+    )
+    grain = rng.integers(-24, 25, (size[1], size[0], 3))
+    return Image.fromarray(np.clip(np.asarray(base) + grain, 0, 255).astype(np.uint8))
+
+
+def test_a_large_jpeg_is_decoded_at_reduced_scale_and_the_model_sees_the_same_picture() -> None:
+    """reduce_for=224: a 2000x1500 JPEG decodes at 1/2 scale (its shorter side 750 stays
+    >= 2 x 224; 1/4 would give 375), and after the preprocessing the model input differs
+    from a full decode by less than a level of 255 on average."""
+    from lantern.core.preprocess import PreprocessSpec
+
+    data = encode(_textured((2000, 1500)), "JPEG", quality=90)
+    reduced = decode_image(data, max_pixels=LIMIT, reduce_for=224)
+    whole = decode_image(data, max_pixels=LIMIT)
+    assert whole.size == (2000, 1500)
+    assert reduced.size == (1000, 750)
+    spec = PreprocessSpec()
+    std = np.asarray(spec.std, dtype=np.float32)[:, None, None]
+    levels = np.abs(spec.apply(reduced) - spec.apply(whole)) * std * 255  # in 0..255 levels
+    assert levels.mean() < 1.0
+    assert levels.max() <= 8.0
+
+
+def test_reduce_for_leaves_small_jpegs_and_other_formats_whole() -> None:
+    # 640x480: a 1/2-scale decode would leave the shorter side at 240 < 2 x 224.
+    assert decode_image(jpeg((640, 480)), max_pixels=LIMIT, reduce_for=224).size == (640, 480)
+    # Only libjpeg can scale while decoding; a large PNG decodes whole.
+    png = encode(_textured((2000, 1500)), "PNG")
+    assert decode_image(png, max_pixels=LIMIT, reduce_for=224).size == (2000, 1500)
+
+
+def test_reduced_decoding_applies_exif_orientation_after_scaling() -> None:
+    image = _textured((1600, 1000))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to view
+    data = encode(image, "JPEG", quality=90, exif=exif.tobytes())
+    assert decode_image(data, max_pixels=LIMIT, reduce_for=112).size == (250, 400)
+
+
 @pytest.mark.parametrize(
     ("data", "error", "status", "words"),
     [
