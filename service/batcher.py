@@ -1,11 +1,21 @@
 """Micro-batching: concurrent requests share one model call, without waiting to fill it.
 
-One consumer task owns the model. Whenever the model is free it takes everything queued
-(up to `max_batch_size` images, whole requests only) and runs it in a worker thread. There
-is no waiting heuristic: a lone request runs at once, and under load the next batch
-collects by itself while the current one runs. A request that sits in the queue longer
-than `max_queue_wait_s` is refused with `Overloaded` (the API answers 503), so an
-overloaded service sheds load instead of piling up work nobody waits for.
+Consumer tasks own the model, one per model stream. Whenever a stream is free it takes
+what is queued (whole requests only, up to `max_batch_size` images, and no more than its
+share when other streams are free too) and runs it in a worker thread. There is no
+waiting heuristic: a lone request runs at once, and under load the next batch collects by
+itself while the current ones run. A request that sits in the queue longer than
+`max_queue_wait_s` is refused with `Overloaded` (the API answers 503), so an overloaded
+service sheds load instead of piling up work nobody waits for.
+
+Several streams (`streams` > 1) run several batches at once, each on one thread of its
+own (`run`: a single-threaded session). On a CPU shared with HTTP handling and image
+decoding this wastes less than one batch spread over every core: when the decoder
+preempts one thread of a multi-threaded model call, the call's other threads wait for it
+at the next barrier, while a single-threaded stream only pauses itself (BENCHMARKS.md,
+"Streams"). A batch taken when no other batch runs and nothing else is queued (a lone
+request at low load) runs on `run_alone` instead, the all-cores session, so its latency
+is that of the whole machine; the other streams wait until it is done.
 """
 
 from __future__ import annotations
@@ -54,18 +64,24 @@ class MicroBatcher:
         max_batch_size: int,
         max_queue_wait_s: float,
         observe: ObserveBatch | None = None,
+        streams: int = 1,
+        run_alone: RunBatch | None = None,
     ) -> None:
-        if max_batch_size < 1 or max_queue_wait_s <= 0:
-            raise ValueError("max_batch_size must be >= 1 and max_queue_wait_s > 0")
+        if max_batch_size < 1 or max_queue_wait_s <= 0 or streams < 1:
+            raise ValueError("max_batch_size and streams must be >= 1, and max_queue_wait_s > 0")
         self.run = run
+        self.run_alone = run_alone
+        self.streams = streams
         self.max_batch_size = max_batch_size
         self.max_queue_wait_s = max_queue_wait_s
         self.observe = observe
         self._queue: deque[_Request] = deque()
         self._queued = asyncio.Event()
-        self._consumer: asyncio.Task[None] | None = None
+        self._consumers: list[asyncio.Task[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
+        self._running = 0  # batches in flight
+        self._alone: asyncio.Event | None = None  # set when the lone batch is done
 
     async def submit(self, inputs: np.ndarray) -> np.ndarray:
         """The model's outputs for `inputs` (N, ...); more than a batch is split up.
@@ -99,34 +115,60 @@ class MicroBatcher:
         while self._queue:
             request = self._queue.popleft()
             self._settle(request, error=Overloaded("the service is shutting down"))
-        self._queued.set()  # wakes an idle consumer, which then sees it is closed
-        if self._consumer is not None:
-            await asyncio.wait([self._consumer])
-            self._consumer = None
+        self._queued.set()  # wakes idle consumers, which then see it is closed
+        if self._consumers:
+            await asyncio.wait(self._consumers)
+            self._consumers = []
 
     def _start_consumer(self) -> asyncio.AbstractEventLoop:
         loop = asyncio.get_running_loop()
-        if self._consumer is None or self._consumer.done() or self._loop is not loop:
-            # A new event loop (e.g. a second test client) needs its own consumer and event.
+        if not self._consumers or self._consumers[0].done() or self._loop is not loop:
+            # A new event loop (e.g. a second test client) needs its own consumers and event.
             self._loop = loop
             self._queued = asyncio.Event()
             if self._queue:
                 self._queued.set()
-            self._consumer = loop.create_task(self._consume(), name="lantern-batcher")
+            self._running, self._alone = 0, None
+            self._consumers = [
+                loop.create_task(self._consume(), name=f"lantern-batcher-{i}")
+                for i in range(self.streams)
+            ]
         return loop
 
     async def _consume(self) -> None:
         while not self._closed:
             await self._queued.wait()
-            batch = self._take()
-            if batch:
-                await self._run(batch)
+            if self._alone is not None:  # a lone batch has every core: wait for it
+                await self._alone.wait()
+                continue
+            batch = self._take(share=self._share())
+            if not batch:
+                continue
+            alone = self.run_alone is not None and self._running == 0 and not self._queue
+            if alone:
+                self._alone = asyncio.Event()
+            self._running += 1
+            try:
+                await self._run(batch, self.run_alone if alone and self.run_alone else self.run)
+            finally:
+                self._running -= 1
+                if alone and self._alone is not None:
+                    self._alone.set()
+                    self._alone = None
 
-    def _take(self) -> list[_Request]:
-        """The queued requests, oldest first, that fit in one batch (at least one)."""
+    def _share(self) -> int:
+        """Images this stream may take: the queue split evenly over the free streams."""
+        free = max(1, self.streams - self._running)
+        queued = sum(r.size for r in self._queue)
+        return min(self.max_batch_size, max(1, -(-queued // free)))
+
+    def _take(self, share: int | None = None) -> list[_Request]:
+        """The queued requests, oldest first, that fit in `share` images (default: one
+        batch); at least one."""
+        limit = self.max_batch_size if share is None else share
         batch: list[_Request] = []
         images = 0
-        while self._queue and (not batch or images + self._queue[0].size <= self.max_batch_size):
+        while self._queue and (not batch or images + self._queue[0].size <= limit):
             request = self._queue.popleft()
             if request.expiry is not None:
                 request.expiry.cancel()
@@ -136,7 +178,7 @@ class MicroBatcher:
             self._queued.clear()
         return batch
 
-    async def _run(self, batch: list[_Request]) -> None:
+    async def _run(self, batch: list[_Request], run: RunBatch) -> None:
         inputs = [r.inputs for r in batch]
         if self.observe is not None:
             now = asyncio.get_running_loop().time()
@@ -145,7 +187,7 @@ class MicroBatcher:
             except Exception:  # metrics must never stop the model
                 log.exception("recording batch metrics failed")
         try:
-            outputs = await anyio.to_thread.run_sync(self._run_concatenated, inputs)
+            outputs = await anyio.to_thread.run_sync(self._run_concatenated, run, inputs)
         except Exception as e:  # the model failed: every request of this batch hears it
             log.error("a batch of %d request(s) failed: %r", len(batch), e)
             for request in batch:
@@ -155,9 +197,10 @@ class MicroBatcher:
         for request, rows in zip(batch, np.split(outputs, offsets), strict=True):
             self._settle(request, result=rows)
 
-    def _run_concatenated(self, inputs: list[np.ndarray]) -> np.ndarray:
+    @staticmethod
+    def _run_concatenated(run: RunBatch, inputs: list[np.ndarray]) -> np.ndarray:
         batch = inputs[0] if len(inputs) == 1 else np.concatenate(inputs)
-        outputs = self.run(batch)
+        outputs = run(batch)
         if outputs.shape[0] != batch.shape[0]:
             raise RuntimeError(f"the model answered {outputs.shape[0]} rows for {batch.shape[0]}")
         return outputs

@@ -150,6 +150,14 @@ def session_options(threads: int = 0) -> ort.SessionOptions:
     return options
 
 
+def model_streams(setting: int, provider: str) -> int:
+    """How many batches the service runs at once: 1 on CUDA (the device batches), else
+    the setting, 0 meaning one per usable CPU."""
+    if provider == CUDA:
+        return 1
+    return setting if setting > 0 else usable_cpus()
+
+
 def usable_cpus() -> int:
     """CPUs this process may run on (respects affinity masks and container cpusets)."""
     try:

@@ -174,3 +174,97 @@ def test_shutdown_fails_queued_requests_and_refuses_new_ones() -> None:
             await b.submit(rows(3))
 
     asyncio.run(main())
+
+
+# --- model streams: several batches at once, a lone request on every core ----------------
+
+
+class BarrierModel(Model):
+    """A single-threaded stream: its calls wait for `parties` calls to be running at once,
+    so a test fails (BrokenBarrierError) unless the batcher really overlaps them."""
+
+    def __init__(self, parties: int) -> None:
+        super().__init__()
+        self.barrier = threading.Barrier(parties, timeout=5)
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        self.barrier.wait()
+        return super().__call__(batch)
+
+
+def streams(model: Model, alone: Model, n: int = 2) -> MicroBatcher:
+    return MicroBatcher(model, max_batch_size=8, max_queue_wait_s=5, streams=n, run_alone=alone)
+
+
+def test_two_streams_run_two_batches_at_once_splitting_the_queue_between_them() -> None:
+    stream, alone = BarrierModel(parties=2), Model()
+
+    async def main() -> list[np.ndarray]:
+        b = streams(stream, alone)
+        # Queued together while both streams are free: each stream takes half.
+        out = await asyncio.gather(b.submit(rows(1)), b.submit(rows(2)))
+        await b.aclose()
+        return out
+
+    out = asyncio.run(main())
+    assert [o.tolist() for o in out] == [[[2.0]], [[4.0]]]
+    assert sorted(stream.batches) == [[1.0], [2.0]]  # two batches, run at the same time
+    assert alone.batches == []
+
+
+def test_a_lone_request_runs_on_the_model_that_has_every_core() -> None:
+    stream, alone = Model(), Model()
+
+    async def main() -> np.ndarray:
+        b = streams(stream, alone)
+        out = await b.submit(rows(3))
+        await b.aclose()
+        return out
+
+    assert asyncio.run(main()).tolist() == [[6.0]]
+    assert alone.batches == [[3.0]]
+    assert stream.batches == []
+
+
+def test_no_stream_starts_while_a_lone_batch_holds_every_core() -> None:
+    stream, alone = Model(), Model()
+    alone.release.clear()
+
+    async def main() -> list[np.ndarray]:
+        b = streams(stream, alone)
+        first = asyncio.ensure_future(b.submit(rows(1)))
+        await asyncio.sleep(0.05)  # the lone request is running on every core (held)
+        rest = [asyncio.ensure_future(b.submit(rows(v))) for v in (2, 3)]
+        await asyncio.sleep(0.2)
+        assert stream.batches == [] and not any(r.done() for r in rest)  # all waited
+        alone.release.set()
+        out = await asyncio.gather(first, *rest)
+        await b.aclose()
+        return out
+
+    out = asyncio.run(main())
+    assert [o.tolist() for o in out] == [[[2.0]], [[4.0]], [[6.0]]]
+    assert alone.batches == [[1.0]]
+    # After it, the two queued requests were split between the two free streams.
+    assert sorted(stream.batches) == [[2.0], [3.0]]
+
+
+def test_with_one_stream_every_batch_runs_on_the_one_model() -> None:
+    model = Model()
+
+    async def main() -> list[np.ndarray]:
+        b = MicroBatcher(model, max_batch_size=8, max_queue_wait_s=5, streams=1)
+        out = await asyncio.gather(b.submit(rows(1)), b.submit(rows(2)))
+        await b.aclose()
+        return out
+
+    assert [o.tolist() for o in asyncio.run(main())] == [[[2.0]], [[4.0]]]
+    assert model.batches == [[1.0, 2.0]]  # one batch: nothing runs beside it
+
+
+def test_model_streams_are_one_per_usable_cpu_by_default_and_one_on_cuda() -> None:
+    from service.classifier import CPU, CUDA, model_streams, usable_cpus
+
+    assert model_streams(0, CPU) == usable_cpus()
+    assert model_streams(3, CPU) == 3
+    assert model_streams(0, CUDA) == 1 and model_streams(4, CUDA) == 1

@@ -100,6 +100,13 @@ class Settings(BaseSettings):
     ort_threads: int = Field(
         0, description="ONNX Runtime intra-op threads (0: one per physical core)."
     )
+    model_streams: int = Field(
+        0,
+        ge=0,
+        description="Batches the service runs at once on the CPU, each on one thread of its "
+        "own (0: one per usable CPU; 1: one batch at a time over every core). A lone request "
+        "still gets every core. On CUDA always 1.",
+    )
     ort_provider: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="ONNX Runtime execution provider: auto, cpu or cuda."
     )
