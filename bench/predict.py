@@ -168,6 +168,51 @@ def bench_ort(
     return rates
 
 
+def bench_ort_streams(tag: str, budget_s: float, precision: str) -> dict[int, float]:
+    """Images/s per batch size of the service's other way to use the cores (model
+    streams, service.batcher): one single-threaded session run from one thread per usable
+    CPU at once, each thread its own batches."""
+    from lantern.core.bundle import load_bundle
+    from service.classifier import create_session, graph_path, usable_cpus
+
+    bundle = load_bundle(tag)
+    session = create_session(graph_path(bundle, precision), provider="cpu", threads=1)
+    rng = np.random.default_rng(0)
+    return {
+        b: _streams_rate(
+            session,
+            rng.standard_normal((b, 3, IMAGE_SIZE, IMAGE_SIZE), np.float32),
+            usable_cpus(),
+            budget_s,
+        )
+        for b in BATCHES
+    }
+
+
+def _streams_rate(session: object, batch: np.ndarray, streams: int, budget_s: float) -> float:
+    import threading
+
+    from service.classifier import run
+
+    run(session, batch)  # warm-up
+    counts = [0] * streams
+    stop = time.perf_counter() + max(budget_s, 0.1)
+
+    def stream(i: int) -> None:
+        # At least one call each, so that a slow CPU still gives a figure.
+        while counts[i] == 0 or time.perf_counter() < stop:
+            run(session, batch)
+            counts[i] += batch.shape[0]
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(streams)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(counts) / (time.perf_counter() - start)
+
+
 def bench_torch(tag: str, budget_s: float) -> dict[int, tuple[float, float]]:
     import torch
 
@@ -369,12 +414,17 @@ def render(
     int8_service: list[LoadResult],
     ort_cpu_ms: dict[int, float],
     int8_cpu_ms: dict[int, float],
+    streams_rates: dict[str, dict[int, float]],
 ) -> str:
     import onnxruntime
     import torch
 
-    best_batch = max(ort_rates, key=lambda b: ort_rates[b][0])
-    best_ort = ort_rates[best_batch][0]
+    from service.classifier import usable_cpus
+
+    # The service's yardstick: the graph's best raw rate, either way of using the cores.
+    best_ort = max(max(r for r, _ in ort_rates.values()), *streams_rates["fp32"].values())
+    best_int8 = max(max(r for r, _ in int8_rates.values()), *streams_rates["int8"].values())
+    n = usable_cpus()
     single_ms = ort_rates[1][1] * 1000
     lines = [
         f"Lantern prediction benchmark: {ARCH}, {IMAGE_SIZE} px, {NUM_CLASSES} classes "
@@ -394,6 +444,10 @@ def render(
         + "".join(f"{int8_rates[b][1] * 1000:>11.1f}" for b in BATCHES),
         f"{'  INT8 / fp32':<34}"
         + "".join(f"{int8_rates[b][0] / ort_rates[b][0]:>10.2f}x" for b in BATCHES),
+        f"{f'  fp32, {n} streams x 1 thread':<34}"
+        + "".join(f"{streams_rates['fp32'][b]:>11.1f}" for b in BATCHES),
+        f"{f'  INT8, {n} streams x 1 thread':<34}"
+        + "".join(f"{streams_rates['int8'][b]:>11.1f}" for b in BATCHES),
         f"{'  fp32 CPU ms per image':<34}" + "".join(f"{ort_cpu_ms[b]:>11.1f}" for b in BATCHES),
         f"{'  INT8 CPU ms per image':<34}" + "".join(f"{int8_cpu_ms[b]:>11.1f}" for b in BATCHES),
         "",
@@ -418,9 +472,7 @@ def render(
             f"{r.mean_batch:>11.1f}" if r.mean_batch else f"{'n/a':>11}" for r in int8_service
         ),
         f"{'  service / best raw ORT INT8':<34}"
-        + "".join(
-            f"{r.throughput / max(v for v, _ in int8_rates.values()):>10.2f}x" for r in int8_service
-        ),
+        + "".join(f"{r.throughput / best_int8:>10.2f}x" for r in int8_service),
         f"{'  INT8 / fp32 service throughput':<34}"
         + "".join(
             f"{a.throughput / b.throughput:>10.2f}x"
@@ -433,7 +485,6 @@ def render(
         ),
         "",
     ]
-    best_int8 = max(rate for rate, _ in int8_rates.values())
     lines += [
         f"{'where the CPU goes, ms per image':<34}"
         + "".join(f"{f'conc. {c}':>11}" for c in CONCURRENCY),
@@ -449,7 +500,7 @@ def render(
         ratio = result.throughput / best
         lines.append(
             f"target: {label} throughput at concurrency 32 >= 0.9 x raw ORT {label} at its best "
-            f"batch ({best:.1f}/s): {ratio:.2f}x {'MET' if ratio >= 0.9 else 'MISSED'}"
+            f"({best:.1f}/s): {ratio:.2f}x {'MET' if ratio >= 0.9 else 'MISSED'}"
         )
     lines += [
         f"target: p50 at concurrency 1 <= raw single-image ORT latency + 15 ms "
@@ -478,6 +529,8 @@ def main(argv: list[str] | None = None) -> int:
     int8_cpu_ms: dict[int, float] = {}
     ort_rates = bench_ort(tag, budget, "fp32", ort_cpu_ms)
     int8_rates = bench_ort(tag, budget, "int8", int8_cpu_ms)
+    print("raw ONNX Runtime as model streams (one single-threaded run per CPU) ...", flush=True)
+    streams_rates = {p: bench_ort_streams(tag, budget, p) for p in ("fp32", "int8")}
     print("torch eager ...", flush=True)
     torch_rates = bench_torch(tag, budget)
     print("service (lantern serve), fp32 ...", flush=True)
@@ -497,6 +550,7 @@ def main(argv: list[str] | None = None) -> int:
             int8_service,
             ort_cpu_ms,
             int8_cpu_ms,
+            streams_rates,
         )
     )
     return 0
