@@ -340,3 +340,63 @@ def test_lantern_explain_saves_every_compared_class_and_resumes(
     bad = lantern(*args, "--compare-top", "7", cwd=tmp_path)
     assert bad.returncode == 2
     assert "--compare-top must be a number of classes from 2 to 5, not 7" in bad.stderr
+
+
+def test_each_compared_class_gets_its_own_trust_score(tiny_bundle: Any, tmp_path: Path) -> None:
+    """compare_top with faithfulness: rank r's maps are scored against rank r's class."""
+    from lantern.core.images import decode_image
+    from lantern.core.store import DirectoryStore, read_manifest
+    from tests.worker_fixtures import settings_for
+    from workers import faithfulness, tasks
+    from workers.context import WorkerContext, set_context
+    from workers.model_cache import ModelCache
+
+    store = DirectoryStore(tmp_path / "artifacts")
+    settings = settings_for("redis://127.0.0.1:1/0", tmp_path / "artifacts")
+    cache = ModelCache(torch.device("cpu"))
+    set_context(WorkerContext(settings, store, cache))
+    data = shape_png(0)
+    payload = _payload(model=tiny_bundle.tag, compare_top=2, faithfulness=True)
+    payload["images"] = [{"name": "s", "data_b64": base64.b64encode(data).decode()}]
+    job_id = "ex-" + "a" * 32
+    tasks.explain(parse_request(payload).model_dump(mode="json"), job_id=job_id)
+    manifest = read_manifest(store, job_id)
+    assert manifest is not None
+    image = manifest["images"][0]
+    first, second = image["compare"]
+    assert first["faithfulness"] == image["faithfulness"]  # the same maps and class
+    loaded = cache.get(tiny_bundle.tag)
+    x = torch.from_numpy(loaded.spec.apply_batch([decode_image(data, max_pixels=10**8)]))[0]
+    up = np.load(io.BytesIO(store.read(job_id, second["files"]["gradcam"]["upsampled"])))
+    want = faithfulness.score_maps(
+        loaded.model,
+        x,
+        {"gradcam": torch.from_numpy(up)},
+        second["index"],
+        chunk_size=settings.explain_chunk_size,
+    )["gradcam"]
+    got = second["faithfulness"]["gradcam"]
+    for key in ("deletion_auc", "insertion_auc", "random_deletion_auc", "random_insertion_auc"):
+        assert got[key] == pytest.approx(want[key], abs=1e-5), key
+    assert got != first["faithfulness"]["gradcam"]
+
+
+def test_compare_jobs_are_not_grouped_with_plain_ones(tiny_bundle: Any, tmp_path: Path) -> None:
+    """The worker explains queued jobs with the same group key in one pass; a compare_top
+    job has k maps per image and method, so it never shares a plain job's pass."""
+    from lantern.core.store import DirectoryStore
+    from tests.worker_fixtures import settings_for
+    from workers import tasks
+    from workers.context import WorkerContext
+    from workers.model_cache import ModelCache
+
+    plain = _payload(model=tiny_bundle.tag)
+    plain["images"] = [{"name": "s", "data_b64": base64.b64encode(shape_png(0)).decode()}]
+    compare = {**plain, "compare_top": 2}
+    assert tasks.group_key(plain) != tasks.group_key(compare)
+    assert tasks.group_key(compare) != tasks.group_key({**compare, "compare_top": 3})
+    store = DirectoryStore(tmp_path / "artifacts")
+    settings = settings_for("redis://127.0.0.1:1/0", tmp_path / "artifacts")
+    context = WorkerContext(settings, store, ModelCache(torch.device("cpu")))
+    jobs = [("ex-" + "1" * 32, compare), ("ex-" + "2" * 32, compare)]
+    assert tasks.prepare_group(jobs, context) == {}  # each runs its own pass
