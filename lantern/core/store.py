@@ -13,6 +13,10 @@ Layout of the default, directory-backed store (`settings.artifact_dir`):
     <root>/<job_id>/<image>.<method>.overlay.png    the same, blended over the original picture
     <root>/<job_id>/<image>.activations.grid.png    strongest channels of the activation layer
     <root>/<job_id>/<image>.activations.channels.npy  those channels, float32 (k, h, w), native
+    <root>/<job_id>/<image>.<method>.rank<r>.*      compare_top: the same four files for the
+                                                    image's r-th most probable class (r >= 2)
+    <root>/<job_id>/<image>.depth.png               depth: a row per stage, strongest channels
+    <root>/<job_id>/<image>.depth.<layer>.npy       those channels of each stage, float32 (k, h, w)
     <root>/<job_id>/inputs/<image>                  an input image passed by reference
 
 The manifest says, per method (`maps`), the raw map's shape, dtype, layer and exact
