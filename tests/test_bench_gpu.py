@@ -106,3 +106,21 @@ def test_dry_run_measures_every_path_and_writes_the_table_as_json(tmp_path: Path
         for what in ("explain", "explain on the CPU")
         for b in report["sizes"]["explain_batches"]
     }
+
+
+@pytest.mark.integration
+def test_a_service_that_cannot_start_is_reported_and_the_rest_still_measured(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "gpu.json"
+    # An invalid setting makes `lantern serve` refuse to start, as a missing CUDA library
+    # would on a GPU machine.
+    result = run_gpu_bench("--dry-run", "--out", str(out), env={"LANTERN_ORT_THREADS": "abc"})
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["service"] == {}
+    for precision in ("fp32", "fp16"):
+        why = report["service_failures"][precision]
+        assert "lantern serve exited" in why and "LANTERN_ORT_THREADS" in why, why
+        assert f"service POST /predict, {precision} on cpu: FAILED" in result.stdout
+    assert report["raw"] and report["explain"]
