@@ -155,6 +155,30 @@ def check_cuda() -> str:
     return f"{torch.cuda.get_device_name(0)} (nvidia-smi: {smi or 'not found'})"
 
 
+# Run by a fresh interpreter that never imports torch, as the service's process never does:
+# there ONNX Runtime has to find CUDA and cuDNN itself, which torch loads into this one.
+_PROVIDER_PROBE = (
+    "import sys, onnxruntime as ort; "
+    "s = ort.InferenceSession(sys.stdin.buffer.read(), "
+    "providers=['CUDAExecutionProvider', 'CPUExecutionProvider']); "
+    "print(s.get_providers()[0])"
+)
+
+
+def ort_provider_without_torch() -> str:
+    """The provider ONNX Runtime gives a CUDA-first session in a process without torch."""
+    out = subprocess.run(
+        [sys.executable, "-c", _PROVIDER_PROBE],
+        input=identity_graph(),
+        capture_output=True,
+        timeout=120,
+    )
+    words = out.stdout.decode(errors="replace").split()
+    if out.returncode == 0 and words:
+        return words[-1]
+    return "the probe failed: " + " | ".join(out.stderr.decode(errors="replace").splitlines()[-2:])
+
+
 def register(sizes: Sizes, work: Path) -> str:
     """A random-weight model with its fp16 graph, exported as `lantern export --fp16` does."""
     import torch
@@ -375,7 +399,8 @@ def render(report: dict[str, Any], sizes: Sizes) -> str:
     lines = [
         f"Lantern GPU benchmark: {sizes.arch}, {sizes.image_size} px, {NUM_CLASSES} classes "
         f"(random weights), model {report['model']}",
-        f"device: {report['device_name']}",
+        f"device: {report['device_name']}; ONNX Runtime in a process without torch (as the "
+        f"service runs): {report['ort_provider_without_torch']}",
         f"machine: {report['machine']}; load average (1 min) at start {report['load_1min']:.2f}",
         f"onnxruntime {report['versions']['onnxruntime']}, torch {report['versions']['torch']}",
         "",
@@ -464,6 +489,13 @@ def main(argv: list[str] | None = None) -> int:
         print(e, file=sys.stderr)
         return 1
     print(f"device: {device_name}; load average (1 min) {load_1min:.2f}", flush=True)
+    without_torch = ort_provider_without_torch() if device == "cuda" else "not checked (cpu)"
+    if device == "cuda" and without_torch != "CUDAExecutionProvider":
+        print(
+            "warning: ONNX Runtime loads CUDA in this process only because torch is loaded; "
+            f"a process without torch, as the service is, gets {without_torch}",
+            file=sys.stderr,
+        )
 
     import onnxruntime as ort
     import torch
@@ -500,6 +532,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "device": device,
         "device_name": device_name,
+        "ort_provider_without_torch": without_torch,
         "machine": predict.machine(),
         "load_1min": load_1min,
         "dry_run": args.dry_run,
