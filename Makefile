@@ -18,7 +18,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 help:
 	@echo "make up      start Redis, an explanation worker and the API on http://127.0.0.1:3000"
 	@echo "make test    install everything into $(VENV) and run the whole test suite"
-	@echo "make bench   prediction, explanation and localisation benchmarks (writes nothing outside /tmp)"
+	@echo "make bench   prediction (vs TorchServe), explanation, localisation and GPU benchmarks (writes nothing outside /tmp)"
 	@echo "make soak    memory soak: RSS of the API over 10,000 /predict requests (BENCHMARKS.md)"
 	@echo "make lint    ruff;  make typecheck  mypy;  make check  both"
 	@echo "make compose-test  build the Docker images and run the compose stack end to end"
@@ -48,6 +48,13 @@ lock: | $(BIN)/python
 
 install: $(VENV)/.installed
 
+# TorchServe (bench/torchserve.py, in `make bench`) runs on Java 17: Debian's, as for chromium.
+JAVA ?= /usr/bin/java
+$(JAVA):
+	@echo "installing Debian's Java 17 for TorchServe (bench/torchserve.py)"
+	$(SUDO) apt-get update
+	$(SUDO) apt-get install -y --no-install-recommends openjdk-17-jre-headless
+
 $(CHROMIUM):
 	@echo "installing Debian's chromium for the browser tests (tests/test_page.py)"
 	$(SUDO) apt-get update
@@ -59,11 +66,16 @@ up: install
 test: install $(CHROMIUM)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-bench: $(VENV)/.installed-bench
+# One run tells the story (BENCHMARKS.md): fp32 vs INT8 raw and through the service, TorchServe
+# beside it, explanations, jobs explained together, localisation; the GPU part where there is one.
+bench: $(VENV)/.installed-bench $(JAVA)
 	$(BIN)/python -m bench.predict
+	$(BIN)/python -m bench.torchserve
 	$(BIN)/python -m bench.explain
 	$(BIN)/python -m bench.explain_batching
 	$(BIN)/python -m bench.localisation
+	@if nvidia-smi -L >/dev/null 2>&1; then $(BIN)/python -m bench.gpu; \
+	else echo "bench.gpu: no NVIDIA GPU on this machine (nvidia-smi -L), skipped"; fi
 
 # ResNet-50 at 224 px: about 10 minutes on 2 quiet cores (SOAK_ARGS="--arch resnet18
 # --image-size 64" for a quick one).
