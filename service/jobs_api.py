@@ -23,26 +23,32 @@ from fastapi.responses import JSONResponse, Response
 from service import handlers
 from service.dependencies import CurrentService
 from service.handlers import EXPLAIN_FLAGS, EXPLAIN_OPTIONS
-from service.openapi import ARTIFACT_RESPONSES, EXPLAIN_RESPONSES, JOB_RESPONSES
+from service.openapi import (
+    ARTIFACT_RESPONSES,
+    EXPLAIN_RESPONSES,
+    JOB_RESPONSES,
+    LAYER_HELP,
+    method_list,
+)
 
 router = APIRouter()
 log = logging.getLogger("lantern.service")
 
 
 _OPTIONS_DOC = (
-    "Parameters may also be sent as form fields. methods: comma-separated gradcam, "
-    "gradcam_pp, layercam, saliency, activations, depth (the strongest feature maps of the "
-    "stem and layer1 to layer4 as one PNG per image, and each stage's channels). "
+    "Parameters may also be sent as form fields. methods: comma-separated, from "
+    f"{method_list()} (default `gradcam`); depth shows the strongest feature maps of the "
+    "stem and layer1 to layer4 as one PNG per image, and each stage's channels. "
     "targets: one class index (or name) per image, "
-    "comma-separated; an empty entry means the image's own top class. layer: the module "
-    "for Grad-CAM (default layer4); activation_layer: the module whose feature maps are shown. "
+    "comma-separated; an empty entry means the image's own top class. "
+    f"layer: {LAYER_HELP}; activation_layer: the module whose feature maps are shown. "
     "Both must be convolutional feature maps of the model (GET /model lists them): any "
     "other name is a 422 naming valid ones, before anything is queued. "
     "model: the model version to explain with (a version such as the `version` GET /model "
-    "reports, `latest`, or a whole tag `lantern-classifier:<version>`; default: the model "
-    "the service serves). A version the model store does not have is a 404. Targets and "
-    "layers are checked against that version, and the job id includes the concrete "
-    "version, so two versions explain the same images side by side as two jobs. "
+    "reports or GET /models lists, `latest`, or a whole tag `lantern-classifier:<version>`; "
+    "default: the model the service serves). A version the model store does not have is "
+    "a 404. Targets and layers are checked against that version, and the job id includes "
+    "the concrete version, so two versions explain the same images side by side as two jobs. "
     "force: true recomputes a request identical to one that already finished (or "
     "failed): the old job and its files are deleted and it is queued afresh under the "
     "same id (202); one still queued or running is returned as it is. "
@@ -98,7 +104,7 @@ async def explain(
     lantern: CurrentService,
     methods: str | None = Query(None, description="comma-separated methods (default gradcam)"),
     targets: str | None = Query(None, description="comma-separated class per image"),
-    layer: str | None = Query(None, description="Grad-CAM layer (default layer4)"),
+    layer: str | None = Query(None, description=LAYER_HELP),
     activation_layer: str | None = Query(None, description="layer shown by activations"),
     model: str | None = Query(None, description="model version (default: the one served)"),
     force: bool | None = Query(None, description="recompute an identical finished job"),

@@ -44,6 +44,7 @@ from starlette.responses import Response
 
 from lantern.core.errors import InputError, PayloadTooLarge
 from service import handlers
+from service.openapi import LAYER_HELP
 from service.uploads import Upload, read_json_object
 
 if TYPE_CHECKING:
@@ -101,7 +102,7 @@ class ExplainInput(LanternInput):
     images: list[Path] = Field(description="The images to explain.")
     methods: str | None = Field(None, description="Comma-separated methods (default gradcam).")
     targets: str | None = Field(None, description="Comma-separated class per image.")
-    layer: str | None = Field(None, description="Grad-CAM layer (default layer4).")
+    layer: str | None = Field(None, description=LAYER_HELP[0].upper() + LAYER_HELP[1:] + ".")
     activation_layer: str | None = Field(None, description="Layer shown by activations.")
     model: str | None = Field(None, description="Model version (default: the one served).")
     force: bool = Field(False, description="Recompute an identical finished job.")

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field
 
+from lantern.core.jobs import LAYER_METHODS, Method
+
 if TYPE_CHECKING:
     from fastapi import FastAPI
     from fastapi.routing import APIRoute
@@ -39,6 +41,39 @@ class ErrorBody(BaseModel):
 def errors(descriptions: dict[int, str]) -> dict[int | str, dict[str, Any]]:
     """FastAPI `responses=` for error statuses, each with the `{"error": ...}` body."""
     return {status: {"model": ErrorBody, "description": d} for status, d in descriptions.items()}
+
+
+# --- the explanation methods, named from lantern.core.jobs.Method so no list can drift ---
+
+METHOD_TITLES: dict[Method, str] = {
+    Method.GRADCAM: "Grad-CAM",
+    Method.GRADCAM_PP: "Grad-CAM++",
+    Method.SALIENCY: "saliency",
+    Method.ACTIVATIONS: "activations",
+    Method.LAYERCAM: "LayerCAM",
+    Method.DEPTH: "feature maps across depth",
+}
+
+
+def method_titles(methods: frozenset[Method] | None = None) -> str:
+    """The methods' titles, "Grad-CAM, Grad-CAM++, ... and ...", for `methods` (default every
+    one), in Method's order; one without a title here goes by its value
+    (tests/test_openapi.py wants a title for each)."""
+    titles = [METHOD_TITLES.get(m, m.value) for m in Method if methods is None or m in methods]
+    return " and ".join([", ".join(titles[:-1]), titles[-1]] if len(titles) > 1 else titles)
+
+
+def method_list() -> str:
+    """Every value `methods=` takes, with its title where that says more:
+    "`gradcam` (Grad-CAM), `gradcam_pp` (Grad-CAM++), `saliency`, ..."."""
+    named = ((m.value, METHOD_TITLES.get(m, m.value)) for m in Method)
+    return ", ".join(f"`{v}`" if t == v else f"`{v}` ({t})" for v, t in named)
+
+
+# `layer` is what these read (activations read `activation_layer`, which defaults to it).
+LAYER_HELP = (
+    f"the layer {method_titles(LAYER_METHODS - {Method.ACTIVATIONS})} read (default layer4)"
+)
 
 
 # --- what each route answers (the route decorators in service.api / service.jobs_api) ---
@@ -145,6 +180,14 @@ MODEL_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"description": "The model served: tag, classes, input size, explainable layers"},
 }
 
+# GET /models reads the model store's metadata (lantern.core.bundle.describe_versions).
+MODELS_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The version served, and every version in the model store, newest "
+        "first: each one `model=` on /explain accepts"
+    },
+}
+
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
 ARTIFACT_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
@@ -238,7 +281,7 @@ UNAUTHORIZED = {
 
 TAGS = [
     {"name": "predictions", "description": "Synchronous classification."},
-    {"name": "explanations", "description": "Asynchronous Grad-CAM, saliency, activations."},
+    {"name": "explanations", "description": f"Asynchronous explanations: {method_titles()}."},
     {"name": "service", "description": "Health, readiness and metrics."},
 ]
 _TAG_OF = {
@@ -251,15 +294,18 @@ _TAG_OF = {
     "/v1/job_status": "explanations",
 }
 
-DESCRIPTION = """\
+DESCRIPTION = (
+    f"""\
 Image classification that shows its reasoning. `POST /predict` (one image) and
 `POST /predict_batch` (several) answer the most probable class, the top-k ranking and the
 model version, from the registered ONNX model; `GET /model` describes that model (classes,
-input size, the layers explanations can use). `POST /explain` queues an asynchronous
-explanation job (Grad-CAM, Grad-CAM++, saliency, activations) run by the workers; poll
-`GET /jobs/{job_id}` for progress and results, and fetch each artifact (PNG maps and
-overlays, raw `.npy` arrays) from `GET /jobs/{job_id}/{name}`.
-
+input size, the layers explanations can use), `GET /models` lists every version in the
+model store. `POST /explain` queues an asynchronous explanation job run by the workers,
+with any version in the store (`model=`) and the methods (`methods=`)
+{method_list()}; poll `GET /jobs/{{job_id}}` for progress and results, and fetch each
+artifact (PNG maps and overlays, raw `.npy` arrays) from `GET /jobs/{{job_id}}/{{name}}`.
+"""
+    + """
 **Errors.** Every error answers a JSON body `{"error": "..."}` saying what was wrong and
 how to fix it: 4xx for a request Lantern must refuse (each route lists its own), 503 when
 the model is overloaded or the explanation queue (Redis) is unreachable. A 500 with the
@@ -270,6 +316,7 @@ every route except `/livez` and `/readyz` (and `/metrics` when `LANTERN_METRICS_
 is true) needs `Authorization: Bearer <key>` or `X-API-Key: <key>`, and answers 401 with
 the error body without one.
 """
+)
 
 
 # --- the BentoML-native door (service.native): the same operations under /v1 -------------

@@ -22,8 +22,9 @@ from lantern.core.errors import (
     UnprocessableInput,
     UnsupportedMediaType,
 )
+from lantern.core.jobs import LAYER_METHODS, Method
 from service.api import app
-from service.openapi import DOCS_PATH, OpenAPIDocument, build_document
+from service.openapi import DOCS_PATH, METHOD_TITLES, OpenAPIDocument, build_document
 
 OVERLOADED = 503  # service.api._overloaded (the micro-batcher's queue wait)
 QUEUE_DOWN = 503  # service.api._queue_down (QueueUnavailable)
@@ -57,6 +58,7 @@ EXPECTED: dict[tuple[str, str], set[int]] = {
     ("get", "/jobs/{job_id}/{name}"): {200, InputError.status_code, NOT_FOUND, UNAUTHORIZED},
     ("get", "/status"): {200, UNAUTHORIZED},
     ("get", "/model"): {200, UNAUTHORIZED},  # the bundle in memory: nothing else can fail
+    ("get", "/models"): {200, UNAUTHORIZED},  # the model store's meta files: no parameters
     ("get", "/metrics"): {200, UNAUTHORIZED},
     ("get", "/livez"): {200},
     ("get", "/readyz"): {200, 503},  # BentoML: 503 until __is_ready__ is true
@@ -126,6 +128,40 @@ def test_explain_documents_its_options_as_form_fields_too(doc: dict[str, Any]) -
         "compare_top",
     }
     assert set(form) == {"images"} | query
+
+
+def test_every_method_has_a_title_and_every_list_of_methods_names_them_all(
+    doc: dict[str, Any],
+) -> None:
+    assert set(METHOD_TITLES) == set(Method)
+    titles = [METHOD_TITLES[m] for m in Method]
+    tag = next(t["description"] for t in doc["tags"] if t["name"] == "explanations")
+    listed = tag.removeprefix("Asynchronous explanations: ").removesuffix(".")
+    assert listed.replace(" and ", ", ").split(", ") == titles
+    # the values `methods=` takes, in the overview and in /explain's (and /v1/explain's) own
+    explain = doc["paths"]["/explain"]["post"]["description"]
+    native = doc["paths"]["/v1/explain"]["post"]["description"]
+    for text in (doc["info"]["description"], explain, native):
+        assert all(f"`{m.value}`" in text for m in Method), text
+    # the layer-reading methods, where a layer is described
+    layers = doc["components"]["schemas"]["ModelInfo"]["properties"]["explainable_layers"]
+    layer = next(p for p in doc["paths"]["/explain"]["post"]["parameters"] if p["name"] == "layer")
+    for method in LAYER_METHODS:
+        assert METHOD_TITLES[method] in layers["description"]
+        if method is not Method.ACTIVATIONS:  # it reads activation_layer
+            assert METHOD_TITLES[method] in layer["description"]
+    assert "Grad-CAM, saliency, activations" not in json.dumps(doc)
+
+
+def test_models_documents_the_version_list(doc: dict[str, Any]) -> None:
+    ok = doc["paths"]["/models"]["get"]["responses"]["200"]["content"]["application/json"]
+    assert ok["schema"] == {"$ref": "#/components/schemas/ModelVersions"}
+    versions = doc["components"]["schemas"]["ModelVersions"]
+    assert set(versions["required"]) == {"served", "versions"}
+    version = doc["components"]["schemas"]["ModelVersion"]["properties"]
+    assert {"tag", "version", "created_at", "architecture", "accuracy", "demo", "int8"} <= set(
+        version
+    )
 
 
 def test_every_error_response_is_the_error_body(doc: dict[str, Any]) -> None:

@@ -79,6 +79,7 @@ OPERATIONS = {
     "GET /jobs/{job_id}/{name}",
     "GET /status",
     "GET /model",
+    "GET /models",
     "GET /livez",
     "GET /readyz",
     "GET /metrics",

@@ -33,29 +33,13 @@ def run(args: argparse.Namespace) -> int:
         return _ensure(args.name)
     if args.action in ("promote", "delete"):
         return _change(args)
-    from lantern.core.bundle import aliases, describe_int8, list_bundles
+    from lantern.core.bundle import describe_int8, describe_versions
 
-    bundles = list_bundles(args.name)
-    by_version: dict[str, list[str]] = {}
-    for alias, version in sorted(aliases(args.name).items()):
-        by_version.setdefault(version, []).append(alias)
+    rows = describe_versions(args.name)
     if args.json:
-        rows = [
-            {
-                "tag": b.tag,
-                "architecture": b.architecture,
-                "classes": len(b.class_names),
-                "accuracy": b.accuracy,
-                "created_at": b.meta.get("created_at"),
-                "training": b.meta.get("training", {}),
-                "int8": b.int8,
-                "aliases": by_version.get(b.version, []),
-            }
-            for b in bundles
-        ]
         print(json.dumps(rows, indent=2))
         return 0
-    if not bundles:
+    if not rows:
         print(f"no {args.name} models registered; run `lantern train` then `lantern export`")
         return 0
     header = (
@@ -63,14 +47,14 @@ def run(args: argparse.Namespace) -> int:
         f"{'CREATED':<19} {'INT8':<16} ALIASES"
     )
     print(header)
-    for b in bundles:
-        acc = "n/a" if b.accuracy is None else f"{100 * b.accuracy:.1f}%"
-        training = b.meta.get("training", {})
+    for row in rows:
+        acc = "n/a" if row["accuracy"] is None else f"{100 * row['accuracy']:.1f}%"
+        training = row["training"]
         print(
-            f"{b.tag:<42} {b.architecture:<9} {len(b.class_names):>7} {acc:>8} "
+            f"{row['tag']:<42} {row['architecture']:<9} {row['classes']:>7} {acc:>8} "
             f"{training.get('mode', '?'):<6} {training.get('dataset', '?'):<10} "
-            f"{str(b.meta.get('created_at', ''))[:19]:<19} {describe_int8(b.int8):<16} "
-            f"{','.join(by_version.get(b.version, [])) or '-'}"
+            f"{str(row['created_at'] or '')[:19]:<19} {describe_int8(row['int8']):<16} "
+            f"{','.join(row['aliases']) or '-'}"
         )
     return 0
 

@@ -227,6 +227,31 @@ def list_bundles(name: str = MODEL_NAME) -> list[Bundle]:
     return [load_bundle(str(m.tag)) for m in models]
 
 
+def describe_versions(name: str = MODEL_NAME) -> list[dict[str, Any]]:
+    """Every version of `name`, newest first, as `lantern models list --json` and GET /models
+    show them: tag, version, architecture, number of classes, accuracy, created_at,
+    training, the INT8 record, the demo line (None for a real model) and the aliases
+    pointing at it."""
+    by_version: dict[str, list[str]] = {}
+    for alias, version in sorted(aliases(name).items()):
+        by_version.setdefault(version, []).append(alias)
+    return [
+        {
+            "tag": b.tag,
+            "version": b.version,
+            "architecture": b.architecture,
+            "classes": len(b.class_names),
+            "accuracy": b.accuracy,
+            "created_at": b.meta.get("created_at"),
+            "training": b.meta.get("training", {}),
+            "int8": b.int8,
+            "demo": b.demo,
+            "aliases": by_version.get(b.version, []),
+        }
+        for b in list_bundles(name)
+    ]
+
+
 # --- aliases: the version a deployment follows -------------------------------------------
 #
 # BentoML's store knows versions and `latest`; Lantern adds named aliases (`production` by
