@@ -1,7 +1,9 @@
 // Lantern's web page: plain JavaScript against the public API, no build step.
 //
 //   POST predict?top_k=5          the image as file field "image"     -> bars
+//   GET  models                   the model store's versions          -> "Model version" select
 //   POST explain                  file field "images" + form fields   -> 202 {job_id, status_url}
+//                                 (model=<version>: one job per version when comparing two)
 //   GET  jobs/{id}                status, progress, manifest          -> progress bar, results
 //   GET  jobs/{id}/{file}         each artifact                       -> <img> and download links
 //
@@ -53,6 +55,9 @@
     explainForm: $("explain-form"),
     explainButton: $("explain-button"),
     layer: $("layer"),
+    model: $("model"),
+    compareModel: $("compare-model"),
+    compareModelField: $("compare-model-field"),
     faithfulness: $("faithfulness"),
     compareTop: $("compare-top"),
     target: $("target"),
@@ -248,6 +253,7 @@
       showPrediction(body);
       el.explainSection.hidden = false;
       loadLayers();
+      loadVersions();
     } catch (e) {
       if (gen !== generation) return;
       el.predictionSection.hidden = true; // the banner says why
@@ -287,6 +293,47 @@
       })
     );
     el.layer.value = shown.some((l) => l.name === current) ? current : last;
+  }
+
+  // The "Model version" select offers every version in the model store (GET /models),
+  // newest first, the served one chosen; "Compare with" offers them again, shown only when
+  // there are two or more. If the route cannot be read, "the served model" stays (no
+  // `model=` is sent) and nothing can be compared.
+  let versionsLoaded = false;
+  let servedTag = null;
+  async function loadVersions() {
+    if (versionsLoaded) return;
+    versionsLoaded = true;
+    let listing;
+    try {
+      listing = (await api("models")).body;
+    } catch (e) {
+      return;
+    }
+    const versions = Array.isArray(listing.versions) ? listing.versions : [];
+    const served = versions.find((v) => v.tag === listing.served);
+    if (!served) return;
+    servedTag = listing.served;
+    const option = (v) => new Option(versionLabel(v), v.version);
+    el.model.replaceChildren(...versions.map(option));
+    el.model.value = served.version;
+    el.compareModel.replaceChildren(new Option("no: this version only", ""), ...versions.map(option));
+    el.compareModelField.hidden = versions.length < 2;
+  }
+
+  // "<version> (served) · resnet18 · 92.1% · 2026-12-01 14:03" and "· demo" for the demo model.
+  function versionLabel(v) {
+    const parts = [v.version + (v.tag === servedTag ? " (served)" : "")];
+    if (v.architecture) parts.push(v.architecture);
+    if (typeof v.accuracy === "number") parts.push(percent(v.accuracy));
+    if (v.created_at) parts.push(String(v.created_at).slice(0, 16).replace("T", " "));
+    if (v.demo) parts.push("demo");
+    return parts.join(" · ");
+  }
+
+  function versionOf(tag) {
+    const i = String(tag).indexOf(":");
+    return i < 0 ? String(tag) : String(tag).slice(i + 1);
   }
 
   // A demo model (GET /model "demo": one line saying what it knows) gets a banner from the
@@ -359,28 +406,47 @@
       );
       return;
     }
+    const model = el.model.value;
+    const compareWith = el.compareModel.value;
+    if (compareWith !== "" && compareWith === model) {
+      showError("“Compare with” names the version already chosen: pick another version, or stop comparing.");
+      return;
+    }
     generation += 1;
-    explain(currentFile, methods, el.layer.value, el.target.value, generation, el.faithfulness.checked, compareTop);
+    explain(currentFile, {
+      methods: methods,
+      layer: el.layer.value,
+      target: el.target.value,
+      faithfulness: el.faithfulness.checked,
+      compareTop: compareTop,
+      models: compareWith !== "" ? [model, compareWith] : [model],
+    }, generation);
   });
 
-  async function explain(file, methods, layer, target, gen, faithfulness, compareTop) {
+  // One job per model version ("" = the served one, no model= sent); with two, the second
+  // is queued before the first is waited for, so the workers can take both at once.
+  async function explain(file, options, gen) {
     clearError();
     resetResults();
     el.explainButton.disabled = true;
     setProgress("Sending the image…", 0, 1);
-    const form = new FormData();
-    form.append("images", file, file.name);
-    form.append("methods", methods.join(","));
-    form.append("layer", layer);
-    if (target !== "") form.append("targets", target);
-    if (faithfulness) form.append("faithfulness", "true");
-    if (compareTop) form.append("compare_top", compareTop);
+    const comparing = options.models.length > 1;
     try {
-      const { body } = await api("explain", { method: "POST", body: form });
-      if (gen !== generation) return;
-      const status = body.status === "finished" ? body : await waitForJob(body, gen);
-      if (status === null) return; // superseded
-      showResults(status.manifest, status.job_id || status.id, body.cached);
+      const submitted = [];
+      for (const model of options.models) {
+        const { body } = await api("explain", { method: "POST", body: explainForm(file, options, model) });
+        if (gen !== generation) return;
+        submitted.push(body);
+      }
+      const runs = [];
+      for (let i = 0; i < submitted.length; i += 1) {
+        const body = submitted[i];
+        const label = comparing ? "Version " + options.models[i] + ": " : "";
+        const status = body.status === "finished" ? body : await waitForJob(body, gen, label);
+        if (status === null) return; // superseded
+        runs.push({ manifest: status.manifest, jobId: status.job_id || status.id, cached: body.cached });
+      }
+      showResults(runs);
       el.job.hidden = true;
     } catch (e) {
       if (gen !== generation) return;
@@ -391,26 +457,40 @@
     }
   }
 
-  async function waitForJob(submitted, gen) {
+  function explainForm(file, options, model) {
+    const form = new FormData();
+    form.append("images", file, file.name);
+    form.append("methods", options.methods.join(","));
+    form.append("layer", options.layer);
+    if (options.target !== "") form.append("targets", options.target);
+    if (options.faithfulness) form.append("faithfulness", "true");
+    if (options.compareTop) form.append("compare_top", options.compareTop);
+    if (model) form.append("model", model);
+    return form;
+  }
+
+  // `label` names the version while two are compared ("Version 1a2b…: "), else "".
+  async function waitForJob(submitted, gen, label) {
     const url = submitted.status_url.replace(/^\//, "");
     const started = Date.now();
     let status = submitted;
     for (;;) {
       if (status.status === "finished") return status;
       if (status.status === "failed") {
-        throw new ApiError("The explanation failed: " + (status.error || "no reason given"));
+        throw new ApiError(label + "The explanation failed: " + (status.error || "no reason given"));
       }
       const progress = status.progress || { done: 0, total: 1 };
       if (status.status === "queued") {
         const slow = Date.now() - started > SLOW_QUEUE_MS;
         setProgress(
-          slow ? "Queued — still waiting for a worker; is `lantern worker` running?" : "Queued — waiting for a worker…",
+          label +
+            (slow ? "Queued — still waiting for a worker; is `lantern worker` running?" : "Queued — waiting for a worker…"),
           0,
           progress.total || 1
         );
       } else {
         setProgress(
-          "Computing: " + progress.done + " of " + progress.total + " image(s) done…",
+          label + "Computing: " + progress.done + " of " + progress.total + " image(s) done…",
           progress.done,
           progress.total || 1
         );
@@ -438,49 +518,102 @@
     el.job.hidden = true;
   }
 
-  function showResults(manifest, jobId, cached) {
-    if (!manifest || !manifest.images || !manifest.images.length) {
-      throw new ApiError("The job finished but sent no results.");
-    }
+  // runs: [{manifest, jobId, cached}], one per model version asked for. Each run's results
+  // sit under a heading naming the version that explained them (the manifest's own `model`,
+  // what the worker ran); two runs stand side by side, in the order they were asked for.
+  function showResults(runs) {
+    runs.forEach((run) => {
+      if (!run.manifest || !run.manifest.images || !run.manifest.images.length) {
+        throw new ApiError("The job finished but sent no results.");
+      }
+    });
+    const comparing = runs.length > 1;
+    el.resultsSummary.textContent = comparing
+      ? "The same image explained by " + runs.length + " model versions, side by side: " +
+        runs.map((run) => versionOf(run.manifest.model)).join(" and ") + "."
+      : runSummary(runs[0]);
+    el.results.classList.toggle("versions", comparing);
+    el.results.replaceChildren(...runs.map((run) => versionResults(run, comparing)));
+    const downloads = [];
+    runs.forEach((run) => {
+      const note = comparing ? " · version " + versionOf(run.manifest.model) : "";
+      runDownloads(run.manifest.images[0]).forEach((d) => downloads.push({ key: d.key, url: d.url, note: d.note + note }));
+    });
+    el.downloadList.replaceChildren(...downloads.map(downloadItem));
+    el.resultsSection.hidden = false;
+  }
+
+  // “label” (probability) at layer · … · job id
+  function runSummary(run) {
+    const manifest = run.manifest;
     const image = manifest.images[0];
-    const urls = image.urls || {};
     const t = image.target;
-    el.resultsSummary.textContent =
+    return (
       "Explaining “" + t.label + "” (" + percent(t.probability) + ") at " + manifest.layer +
       (image.compare ? " · beside its top " + image.compare.length + " classes" : "") +
-      (cached ? " · answered from an earlier identical request" : "") + " · job " + jobId;
-    el.results.replaceChildren(
-      ...manifest.methods.map((method) => {
-        const row = document.createElement("article");
-        row.className = "result";
-        row.dataset.method = method;
-        const heading = document.createElement("h3");
-        heading.textContent = METHOD_NAMES[method] || method;
-        if (method === "activations") {
-          heading.textContent += " (" + (manifest.activation_layer || manifest.layer) + ")";
-        }
-        const grid = document.createElement("div");
-        grid.className = "result-images";
-        grid.append(figure(previewUrl, "Original", "The image you chose"));
-        if (method === "depth") {
-          row.append(heading, grid, depthView(image.files.depth, urls["depth.grid"]));
-          return row;
-        }
-        ["heatmap", "overlay", "grid"].forEach((kind) => {
-          const url = urls[method + "." + kind];
-          if (url) {
-            grid.append(figure(url, KIND_NAMES[kind], (METHOD_NAMES[method] || method) + " " + kind));
-          }
-        });
-        row.append(heading, grid);
-        const score = (image.faithfulness || {})[method];
-        if (score) row.append(trustScore(score));
-        const compared = (image.compare || []).filter((c) => c.urls && c.urls[method + ".overlay"]);
-        if (compared.length) row.append(compareView(method, compared));
-        return row;
-      })
+      (run.cached ? " · answered from an earlier identical request" : "") + " · job " + run.jobId
     );
-    // Every file: the image's own, then each compared class's (rank 2 on: rank 1's are the image's own).
+  }
+
+  function versionResults(run, comparing) {
+    const manifest = run.manifest;
+    const box = document.createElement("section");
+    box.className = "version-results";
+    box.dataset.model = manifest.model || "";
+    box.dataset.jobId = run.jobId;
+    const name = document.createElement("h3");
+    name.className = "version-name";
+    name.title = manifest.model || "";
+    name.textContent =
+      "Model version " + versionOf(manifest.model) + (manifest.model === servedTag ? " (served)" : "");
+    box.append(name);
+    if (comparing) {
+      const summary = document.createElement("p");
+      summary.className = "version-summary muted small";
+      summary.textContent = runSummary(run);
+      box.append(summary);
+    }
+    box.append(...methodRows(manifest));
+    return box;
+  }
+
+  function methodRows(manifest) {
+    const image = manifest.images[0];
+    const urls = image.urls || {};
+    return manifest.methods.map((method) => {
+      const row = document.createElement("article");
+      row.className = "result";
+      row.dataset.method = method;
+      const heading = document.createElement("h3");
+      heading.textContent = METHOD_NAMES[method] || method;
+      if (method === "activations") {
+        heading.textContent += " (" + (manifest.activation_layer || manifest.layer) + ")";
+      }
+      const grid = document.createElement("div");
+      grid.className = "result-images";
+      grid.append(figure(previewUrl, "Original", "The image you chose"));
+      if (method === "depth") {
+        row.append(heading, grid, depthView(image.files.depth, urls["depth.grid"]));
+        return row;
+      }
+      ["heatmap", "overlay", "grid"].forEach((kind) => {
+        const url = urls[method + "." + kind];
+        if (url) {
+          grid.append(figure(url, KIND_NAMES[kind], (METHOD_NAMES[method] || method) + " " + kind));
+        }
+      });
+      row.append(heading, grid);
+      const score = (image.faithfulness || {})[method];
+      if (score) row.append(trustScore(score));
+      const compared = (image.compare || []).filter((c) => c.urls && c.urls[method + ".overlay"]);
+      if (compared.length) row.append(compareView(method, compared));
+      return row;
+    });
+  }
+
+  // Every file: the image's own, then each compared class's (rank 2 on: rank 1's are the image's own).
+  function runDownloads(image) {
+    const urls = image.urls || {};
     const downloads = Object.keys(urls)
       .sort()
       .map((key) => ({ key: key, url: urls[key], note: "" }));
@@ -489,34 +622,33 @@
         .sort()
         .forEach((key) => downloads.push({ key: key, url: c.urls[key], note: " (" + c.rank + ". " + c.label + ")" }));
     });
-    el.downloadList.replaceChildren(
-      ...downloads.map(({ key, url, note }) => {
-        const li = document.createElement("li");
-        const a = document.createElement("a");
-        a.href = url;
-        a.download = url.split("/").pop();
-        a.addEventListener("click", (event) => {
-          if (!apiKey) return; // a plain link works without keys
-          event.preventDefault();
-          blobUrl(url).then(
-            (saved) => {
-              const save = document.createElement("a");
-              save.href = saved;
-              save.download = a.download;
-              save.click();
-              setTimeout(() => URL.revokeObjectURL(saved), 60000);
-            },
-            () => showError("Could not download " + a.download + ".")
-          );
-        });
-        const [method, kind, layer] = key.split(".");
-        const what = method === "depth" && kind === "grid" ? KIND_NAMES.depth : KIND_NAMES[kind] || kind;
-        a.textContent = (METHOD_NAMES[method] || method) + " — " + what + (layer ? " (" + layer + ")" : "") + note;
-        li.append(a);
-        return li;
-      })
-    );
-    el.resultsSection.hidden = false;
+    return downloads;
+  }
+
+  function downloadItem({ key, url, note }) {
+    const li = document.createElement("li");
+    const a = document.createElement("a");
+    a.href = url;
+    a.download = url.split("/").pop();
+    a.addEventListener("click", (event) => {
+      if (!apiKey) return; // a plain link works without keys
+      event.preventDefault();
+      blobUrl(url).then(
+        (saved) => {
+          const save = document.createElement("a");
+          save.href = saved;
+          save.download = a.download;
+          save.click();
+          setTimeout(() => URL.revokeObjectURL(saved), 60000);
+        },
+        () => showError("Could not download " + a.download + ".")
+      );
+    });
+    const [method, kind, layer] = key.split(".");
+    const what = method === "depth" && kind === "grid" ? KIND_NAMES.depth : KIND_NAMES[kind] || kind;
+    a.textContent = (METHOD_NAMES[method] || method) + " — " + what + (layer ? " (" + layer + ")" : "") + note;
+    li.append(a);
+    return li;
   }
 
   // depth: one PNG, a row per stage (stem, layer1 … layer4), each with its strongest channels.
