@@ -246,13 +246,9 @@ def _alive(pid: int) -> bool:
 
 
 async def load_torchserve(url: str, images: list[bytes], concurrency: int, requests: int) -> Any:
-    """bench.predict's closed-loop clients against TorchServe's route for the model."""
-    try:
-        from bench.loadgen import closed_loop  # the client bench.predict.load drives
-    except ImportError:
-        # bench.predict.load with httpx, whose paths are relative to the base URL:
-        # /resnet50/predict is TorchServe's legacy route for /predictions/resnet50.
-        return await predict.load(f"{url}/{MODEL_NAME}", images, concurrency, requests)
+    """bench.predict's closed-loop clients (bench.loadgen) against TorchServe's route."""
+    from bench.loadgen import closed_loop
+
     seconds, latencies = await closed_loop(
         url, images, concurrency, requests, path=f"/predictions/{MODEL_NAME}"
     )
