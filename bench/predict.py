@@ -168,7 +168,9 @@ def bench_ort(
     return rates
 
 
-def bench_ort_streams(tag: str, budget_s: float, precision: str) -> dict[int, float]:
+def bench_ort_streams(
+    tag: str, budget_s: float, precision: str, cpu_ms: dict[int, float] | None = None
+) -> dict[int, float]:
     """Images/s per batch size of the service's other way to use the cores (model
     streams, service.batcher): one single-threaded session run from one thread per usable
     CPU at once, each thread its own batches."""
@@ -177,19 +179,29 @@ def bench_ort_streams(tag: str, budget_s: float, precision: str) -> dict[int, fl
 
     bundle = load_bundle(tag)
     session = create_session(graph_path(bundle, precision), provider="cpu", threads=1)
+    import psutil
+
     rng = np.random.default_rng(0)
-    return {
-        b: _streams_rate(
+    me = psutil.Process()
+    rates = {}
+    for b in BATCHES:
+        cpu = _cpu_seconds([me])
+        rates[b], images = _streams_rate(
             session,
             rng.standard_normal((b, 3, IMAGE_SIZE, IMAGE_SIZE), np.float32),
             usable_cpus(),
             budget_s,
         )
-        for b in BATCHES
-    }
+        if cpu_ms is not None:
+            # What an image costs the model itself: a single-threaded run does not spin.
+            cpu_ms[b] = (_cpu_seconds([me]) - cpu) / images * 1000
+    return rates
 
 
-def _streams_rate(session: object, batch: np.ndarray, streams: int, budget_s: float) -> float:
+def _streams_rate(
+    session: object, batch: np.ndarray, streams: int, budget_s: float
+) -> tuple[float, int]:
+    """(images/s, images run, warm-up included) of `streams` threads running `batch`."""
     import threading
 
     from service.classifier import run
@@ -210,7 +222,7 @@ def _streams_rate(session: object, batch: np.ndarray, streams: int, budget_s: fl
         t.start()
     for t in threads:
         t.join()
-    return sum(counts) / (time.perf_counter() - start)
+    return sum(counts) / (time.perf_counter() - start), sum(counts) + batch.shape[0]
 
 
 def bench_torch(tag: str, budget_s: float) -> dict[int, tuple[float, float]]:
@@ -448,8 +460,10 @@ def render(
         + "".join(f"{streams_rates['fp32'][b]:>11.1f}" for b in BATCHES),
         f"{f'  INT8, {n} streams x 1 thread':<34}"
         + "".join(f"{streams_rates['int8'][b]:>11.1f}" for b in BATCHES),
-        f"{'  fp32 CPU ms per image':<34}" + "".join(f"{ort_cpu_ms[b]:>11.1f}" for b in BATCHES),
-        f"{'  INT8 CPU ms per image':<34}" + "".join(f"{int8_cpu_ms[b]:>11.1f}" for b in BATCHES),
+        f"{'  fp32 CPU ms per image, 1 thread':<34}"
+        + "".join(f"{ort_cpu_ms[b]:>11.1f}" for b in BATCHES),
+        f"{'  INT8 CPU ms per image, 1 thread':<34}"
+        + "".join(f"{int8_cpu_ms[b]:>11.1f}" for b in BATCHES),
         "",
         f"{'service POST /predict':<34}"
         + "".join(f"{f'conc. {r.concurrency}':>11}" for r in service),
@@ -525,12 +539,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     tag = register_model(tmp)
     print("raw ONNX Runtime, fp32 then INT8 ...", flush=True)
-    ort_cpu_ms: dict[int, float] = {}
-    int8_cpu_ms: dict[int, float] = {}
-    ort_rates = bench_ort(tag, budget, "fp32", ort_cpu_ms)
-    int8_rates = bench_ort(tag, budget, "int8", int8_cpu_ms)
+    ort_rates = bench_ort(tag, budget, "fp32")
+    int8_rates = bench_ort(tag, budget, "int8")
     print("raw ONNX Runtime as model streams (one single-threaded run per CPU) ...", flush=True)
-    streams_rates = {p: bench_ort_streams(tag, budget, p) for p in ("fp32", "int8")}
+    streams_cpu_ms: dict[str, dict[int, float]] = {"fp32": {}, "int8": {}}
+    streams_rates = {
+        p: bench_ort_streams(tag, budget, p, streams_cpu_ms[p]) for p in ("fp32", "int8")
+    }
     print("torch eager ...", flush=True)
     torch_rates = bench_torch(tag, budget)
     print("service (lantern serve), fp32 ...", flush=True)
@@ -548,8 +563,8 @@ def main(argv: list[str] | None = None) -> int:
             provider,
             int8_rates,
             int8_service,
-            ort_cpu_ms,
-            int8_cpu_ms,
+            streams_cpu_ms["fp32"],
+            streams_cpu_ms["int8"],
             streams_rates,
         )
     )
@@ -557,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _cpu_rows(label: str, results: list[LoadResult], raw_cpu_ms: dict[int, float]) -> list[str]:
-    """Server CPU per request, split into the model's share (the raw session's CPU per
+    """Server CPU per request, split into the model's share (the single-threaded session's CPU per
     image at the nearest batch size to the mean batch served) and everything else
     (HTTP, multipart, decoding, preprocessing, JSON, the batcher), and the load
     generator's, which runs on the same cores."""
