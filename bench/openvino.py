@@ -86,7 +86,7 @@ def has_bf16(info: dict[str, Any], capabilities: list[str]) -> bool:
 
 def ort_variants(graph: str, path: Path) -> list[Variant]:
     """The service's session (intra-op threads = usable CPUs) and its model streams."""
-    from bench.predict import _streams_rate, time_batches
+    from bench.predict import streams_rate, time_batches
     from service.classifier import create_session, run, usable_cpus
 
     cpus = usable_cpus()
@@ -97,7 +97,7 @@ def ort_variants(graph: str, path: Path) -> list[Variant]:
         return time_batches(lambda _: run(session, batch), batch.shape[0], seconds, 1)[0]
 
     def streams(batch: np.ndarray, seconds: float) -> float:
-        return _streams_rate(single, batch, cpus, seconds)
+        return streams_rate(single, batch, cpus, seconds)[0]
 
     name = graph.upper() if graph == "int8" else graph
     return [

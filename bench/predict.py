@@ -186,7 +186,7 @@ def bench_ort_streams(
     rates = {}
     for b in BATCHES:
         cpu = _cpu_seconds([me])
-        rates[b], images = _streams_rate(
+        rates[b], images = streams_rate(
             session,
             rng.standard_normal((b, 3, IMAGE_SIZE, IMAGE_SIZE), np.float32),
             usable_cpus(),
@@ -198,7 +198,7 @@ def bench_ort_streams(
     return rates
 
 
-def _streams_rate(
+def streams_rate(
     session: object, batch: np.ndarray, streams: int, budget_s: float
 ) -> tuple[float, int]:
     """(images/s, images run, warm-up included) of `streams` threads running `batch`."""
