@@ -1,22 +1,28 @@
-"""ONNX Runtime inference: session creation with provider selection, softmax and top-k.
+"""Model sessions (ONNX Runtime with provider selection, or OpenVINO), softmax and top-k.
 
 Torch-free. `onnxruntime-gpu` lists the CUDA provider whenever the package is installed,
 even when CUDA then fails to load and the session silently falls back to the CPU; so the
 provider actually in use is read back from `session.get_providers()`, never assumed.
+
+ONNX Runtime is the runtime (`LANTERN_RUNTIME`); OpenVINO (service.openvino_runtime) is an
+optional one for the CPU that runs the same ONNX graphs behind the same calls.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import onnxruntime as ort
 
 from lantern.core.bundle import Bundle, describe_int8
 from lantern.core.errors import ModelError, UsageError
+from service.openvino_runtime import OpenVINOModel, require_openvino
 
 log = logging.getLogger("lantern.service.classifier")
 
@@ -24,6 +30,22 @@ CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 PROVIDER_CHOICES = ("auto", "cpu", "cuda")
 PRECISION_CHOICES = ("auto", "fp32", "int8", "fp16")
+ONNXRUNTIME = "onnxruntime"
+OPENVINO = "openvino"
+RUNTIME_CHOICES = (ONNXRUNTIME, OPENVINO)
+
+
+class Session(Protocol):
+    """What the service calls on a model: an ONNX Runtime InferenceSession, or an
+    OpenVINOModel that answers the same calls. Both take concurrent `run` calls."""
+
+    def run(
+        self, output_names: list[str] | None, input_feed: dict[str, np.ndarray]
+    ) -> list[Any]: ...
+
+    def get_inputs(self) -> Sequence[Any]: ...
+
+    def get_providers(self) -> list[str]: ...
 
 
 @dataclass(frozen=True)
@@ -104,16 +126,51 @@ def graph_path(bundle: Bundle, precision: str) -> Path:
     raise UsageError(f"precision must be one of {', '.join(PRECISION_CHOICES)}, not {precision!r}")
 
 
+def check_runtime(runtime: str, *, precision: str, provider: str) -> None:
+    """Refuse, in one line each, what `runtime` cannot do: OpenVINO runs on the CPU only
+    (so neither LANTERN_ORT_PROVIDER=cuda nor the fp16 graph, which is a CUDA graph), and
+    needs the optional `openvino` package."""
+    if runtime not in RUNTIME_CHOICES:
+        raise UsageError(f"runtime must be one of {', '.join(RUNTIME_CHOICES)}, not {runtime!r}")
+    if runtime != OPENVINO:
+        return
+    if provider == "cuda":
+        raise UsageError(
+            "LANTERN_ORT_PROVIDER=cuda but LANTERN_RUNTIME=openvino runs on the CPU; set "
+            "LANTERN_ORT_PROVIDER to auto or cpu, or LANTERN_RUNTIME=onnxruntime for CUDA"
+        )
+    if precision == "fp16":
+        raise UsageError(
+            "LANTERN_PRECISION=fp16 selects the CUDA graph but LANTERN_RUNTIME=openvino runs "
+            "on the CPU; use auto, fp32 or int8, or LANTERN_RUNTIME=onnxruntime for CUDA"
+        )
+    require_openvino()
+
+
 def open_model(
-    bundle: Bundle, *, precision: str = "auto", provider: str = "auto", threads: int = 0
-) -> tuple[ort.InferenceSession, str]:
+    bundle: Bundle,
+    *,
+    precision: str = "auto",
+    provider: str = "auto",
+    threads: int = 0,
+    runtime: str = ONNXRUNTIME,
+) -> tuple[Session, str]:
     """(session, precision it runs) for the fastest graph of `bundle` that is allowed.
 
     auto: fp16 when the bundle has an fp16 graph and the session really gets CUDA; else
     INT8 when the bundle has one that passed its gate and the session runs on the CPU (a
     quantised graph is a CPU optimisation); else fp32. An explicit precision the bundle
-    cannot satisfy raises ModelError before anything is loaded.
+    cannot satisfy raises ModelError before anything is loaded. With the OpenVINO
+    runtime (CPU only): auto is INT8 when the bundle has it, else fp32; the graph that
+    passed the INT8 gate (checked with ONNX Runtime at export) is served as is.
     """
+    check_runtime(runtime, precision=precision, provider=provider)
+    if runtime == OPENVINO:
+        if precision == "auto":
+            precision = "int8" if bundle.onnx_int8_path is not None else "fp32"
+        path = graph_path(bundle, precision)
+        threads = threads if threads > 0 else usable_cpus()
+        return OpenVINOModel(path, threads=threads), precision
     if precision != "auto":
         path = graph_path(bundle, precision)
         session = create_session(path, provider=provider, threads=threads)
@@ -130,6 +187,16 @@ def open_model(
         if session.get_providers()[0] == CPU:
             return session, "int8"
     return create_session(bundle.onnx_path, provider=provider, threads=threads), "fp32"
+
+
+def create_stream_session(onnx_path: Path, *, streams: int, runtime: str = ONNXRUNTIME) -> Session:
+    """The session the service's `streams` model streams share, each call on one thread of
+    its own: ONNX Runtime's single-threaded session (it runs concurrent calls side by
+    side), or an OpenVINO model compiled with `streams` streams of one thread each (its
+    streams are what run concurrent inferences side by side). CPU only."""
+    if runtime == OPENVINO:
+        return OpenVINOModel(onnx_path, threads=1, streams=streams)
+    return create_session(onnx_path, provider="cpu", threads=1)
 
 
 def session_options(threads: int = 0) -> ort.SessionOptions:
@@ -166,7 +233,7 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def run(session: ort.InferenceSession, batch: np.ndarray) -> np.ndarray:
+def run(session: Session, batch: np.ndarray) -> np.ndarray:
     """Logits (N, classes) for a float32 batch (N, 3, H, W)."""
     name = session.get_inputs()[0].name
     logits = session.run(None, {name: np.ascontiguousarray(batch, dtype=np.float32)})[0]

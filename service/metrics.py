@@ -16,21 +16,26 @@ QUEUE_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5
 _metrics: dict[str, Any] = {}
 
 
-def record_model_info(bundle: Bundle, precision: str = "fp32") -> None:
+def record_model_info(
+    bundle: Bundle, precision: str = "fp32", runtime: str = "onnxruntime"
+) -> None:
     """Expose the served model version on /metrics as
-    lantern_model_info{model,version,architecture,precision} 1 (precision: the graph that
-    answers, fp32, int8 or fp16)."""
+    lantern_model_info{model,version,architecture,precision,runtime} 1 (precision: the
+    graph that answers, fp32, int8 or fp16; runtime: onnxruntime or openvino)."""
     import prometheus_client
 
     if "model_info" not in _metrics:
         _metrics["model_info"] = prometheus_client.Gauge(
             "lantern_model_info",
             "The model version this Lantern API process serves (value is always 1).",
-            labelnames=["model", "version", "architecture", "precision"],
+            labelnames=["model", "version", "architecture", "precision", "runtime"],
             multiprocess_mode="max",
         )
     name = bundle.tag.split(":", 1)[0]
-    _metrics["model_info"].labels(name, bundle.version, bundle.architecture, precision).set(1)
+    info = _metrics["model_info"].labels(
+        name, bundle.version, bundle.architecture, precision, runtime
+    )
+    info.set(1)
 
 
 def record_batch(images: int, queue_waits_s: list[float]) -> None:
@@ -40,7 +45,7 @@ def record_batch(images: int, queue_waits_s: list[float]) -> None:
     if "batch_size" not in _metrics:
         _metrics["batch_size"] = prometheus_client.Histogram(
             "lantern_batch_size",
-            "Images per ONNX Runtime call (concurrent requests are batched together).",
+            "Images per model call (concurrent requests are batched together).",
             buckets=BATCH_SIZE_BUCKETS,
         )
         _metrics["queue_wait"] = prometheus_client.Histogram(

@@ -1,11 +1,12 @@
-"""The BentoML service `Lantern`: the HTTP API and the ONNX Runtime session, in one process.
+"""The BentoML service `Lantern`: the HTTP API and the model session, in one process.
 
     bentoml serve service.service:Lantern        (what `lantern serve` runs)
 
 `Lantern` owns the HTTP surface (the FastAPI app in `service.api`, mounted at /) and the
 model: it reads and validates uploads, decodes and preprocesses them in worker threads
 with the bundle's own spec, hands the float arrays to a `MicroBatcher` (service.batcher)
-that runs whatever is queued as one ONNX Runtime call the moment the model is free, and
+that runs whatever is queued as one model call the moment the model is free (ONNX Runtime,
+or OpenVINO with LANTERN_RUNTIME=openvino: service.classifier), and
 turns probabilities into top-k answers. One process: no hop between an API and a model
 process, and no second process competing for the cores. Batch sizes and queue waits go
 to /metrics (service.metrics).
@@ -98,11 +99,14 @@ class Lantern:
         self.decode_limiter = anyio.CapacityLimiter(decode_threads())
         # The fastest graph the bundle and LANTERN_PRECISION allow (INT8 on a CPU when the
         # bundle has one that passed its gate at export; BENCHMARKS.md "INT8").
+        # LANTERN_RUNTIME: ONNX Runtime, or OpenVINO (CPU only) on the same graphs.
+        self.runtime: str = self.settings.runtime
         self.session, self.precision = classifier.open_model(
             self.bundle,
             precision=self.settings.precision,
             provider=self.settings.ort_provider,
             threads=self.settings.ort_threads,
+            runtime=self.runtime,
         )
         self.provider: str = self.session.get_providers()[0]
         # On the CPU, several batches at once, each on a single-threaded session of the
@@ -110,8 +114,10 @@ class Lantern:
         # request. One more copy of the weights in memory (25 MB for an INT8 ResNet-50).
         self.streams = classifier.model_streams(self.settings.model_streams, self.provider)
         self.stream_session = (
-            classifier.create_session(
-                classifier.graph_path(self.bundle, self.precision), provider="cpu", threads=1
+            classifier.create_stream_session(
+                classifier.graph_path(self.bundle, self.precision),
+                streams=self.streams,
+                runtime=self.runtime,
             )
             if self.streams > 1
             else None
@@ -122,10 +128,11 @@ class Lantern:
         if self.stream_session is not None:
             self.stream_probabilities(warm_up)
         log.info(
-            "model %s loaded on %s, precision %s (LANTERN_PRECISION=%s; INT8 graph: %s); "
-            "%d model stream(s)",
+            "model %s loaded on %s (runtime %s), precision %s (LANTERN_PRECISION=%s; "
+            "INT8 graph: %s); %d model stream(s)",
             self.bundle.tag,
             self.provider,
+            self.runtime,
             self.precision,
             self.settings.precision,
             describe_int8(self.bundle.int8),
@@ -141,7 +148,7 @@ class Lantern:
         )
         self.explanations = Explanations(self.settings, self.bundle)
         self.explain_probe = ExplainProbe(self.settings)
-        record_model_info(self.bundle, self.precision)
+        record_model_info(self.bundle, self.precision, self.runtime)
         app.state.lantern = self  # what the routes' `CurrentService` dependency hands them
 
     async def __is_ready__(self) -> bool:

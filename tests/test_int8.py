@@ -248,6 +248,50 @@ def test_predict_reports_int8_and_agrees_with_fp32_as_the_gate_promises(
     assert "precision int8" in int8_server.log_text()  # the startup log says so
 
 
+@pytest.fixture(scope="module")
+def int8_openvino_server(
+    int8_bundle: Bundle, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    server = start_server(
+        int8_bundle.tag,
+        tmp_path_factory.mktemp("serve-int8-openvino") / "serve.log",
+        {"LANTERN_PRECISION": "auto", "LANTERN_RUNTIME": "openvino"},
+    )
+    yield server
+    stop_server(server)
+
+
+@pytest.mark.integration
+def test_openvino_serves_the_same_int8_graph_and_agrees_as_the_gate_promises(
+    int8_openvino_server: Server, int8_bundle: Bundle
+) -> None:
+    """The gate was checked with ONNX Runtime; OpenVINO's INT8 kernels round differently,
+    so its answers are held to the same promise against fp32, and to ONNX Runtime's INT8."""
+    uploads, fp32_top1 = held_out_pngs(int8_bundle)
+    from lantern.core.images import decode_image
+
+    assert int8_bundle.onnx_int8_path is not None
+    x = int8_bundle.preprocess.apply_batch([decode_image(d, max_pixels=10**8) for d in uploads])
+    ort_int8_top1 = quantize.top1(int8_bundle.onnx_int8_path, x)
+    got: list[int] = []
+    with httpx.Client(base_url=int8_openvino_server.url, timeout=60) as client:
+        for start in range(0, len(uploads), 8):
+            chunk = range(start, min(start + 8, len(uploads)))
+            files = [("images", (f"{i}.png", uploads[i], "image/png")) for i in chunk]
+            r = client.post("/predict_batch", files=files)
+            assert r.status_code == 200, r.text
+            predictions = r.json()["predictions"]
+            assert {p["precision"] for p in predictions} == {"int8"}
+            got += [p["class_index"] for p in predictions]
+        metrics = client.get("/metrics").text
+    minimum = int8_bundle.meta["int8"]["min_agreement"]
+    vs_fp32 = 100.0 * float(np.mean(np.asarray(got) == fp32_top1))
+    vs_ort_int8 = 100.0 * float(np.mean(np.asarray(got) == ort_int8_top1))
+    assert vs_fp32 >= minimum and vs_ort_int8 >= minimum, (vs_fp32, vs_ort_int8)
+    assert 'precision="int8"' in metrics and 'runtime="openvino"' in metrics
+    assert "(runtime openvino), precision int8" in int8_openvino_server.log_text()
+
+
 def test_the_openapi_document_describes_the_precision_field() -> None:
     from service.api import app
     from service.openapi import build_document

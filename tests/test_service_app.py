@@ -196,7 +196,7 @@ def test_probes_metrics_and_openapi_docs(client: TestClient, tiny_bundle) -> Non
     metrics = prometheus_client.generate_latest().decode()
     labels = (
         f'architecture="resnet18",model="lantern-classifier",precision="fp32",'
-        f'version="{tiny_bundle.version}"'
+        f'runtime="onnxruntime",version="{tiny_bundle.version}"'
     )
     assert f"lantern_model_info{{{labels}}} 1.0" in metrics
     spec = client.get("/docs.json").json()

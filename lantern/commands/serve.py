@@ -34,12 +34,15 @@ def run(args: argparse.Namespace) -> int:
 
     # Pin "latest" to a concrete version here, once: every server worker then loads the
     # same bundle even if a new version is registered while they start.
-    bundle = load_bundle(args.model or get_settings().model)
-    precision = get_settings().precision
-    if precision != "auto":
-        from service.classifier import graph_path
+    settings = get_settings()
+    bundle = load_bundle(args.model or settings.model)
+    from service.classifier import check_runtime, graph_path
 
-        graph_path(bundle, precision)  # an explicit precision the bundle lacks: fail now
+    # What the server would refuse as it starts, refused now in one line: a runtime that
+    # is not installed or cannot do what is asked, an explicit precision the bundle lacks.
+    check_runtime(settings.runtime, precision=settings.precision, provider=settings.ort_provider)
+    if settings.precision != "auto":
+        graph_path(bundle, settings.precision)
     env = {**os.environ, "LANTERN_MODEL": bundle.tag, "BENTOML_DO_NOT_TRACK": "true"}
     for name, value in MALLOC_ENV.items():  # glibc reads these when the server starts
         env.setdefault(name, value)

@@ -116,6 +116,16 @@ class Settings(BaseSettings):
         "the bundle has one that passed its gate, fp16 on CUDA when it has an fp16 graph, "
         "else fp32), or fp32, int8, fp16 (the service refuses to start if the bundle lacks it).",
     )
+    runtime: Literal["onnxruntime", "openvino"] = Field(
+        "onnxruntime",
+        description="What runs the model in the service: onnxruntime, or openvino (CPU only; "
+        "`pip install 'lantern[openvino]'`): the same ONNX graphs, fp32 computed in fp32 "
+        "and the INT8 graph as exported (on an Intel CPU with AMX its INT8 ran 2-3x faster, "
+        "BENCHMARKS.md). With openvino, auto "
+        "precision is INT8 when the bundle has it, else fp32; fp16 and "
+        "LANTERN_ORT_PROVIDER=cuda are refused; LANTERN_ORT_THREADS and "
+        "LANTERN_MODEL_STREAMS apply to it too.",
+    )
     api_keys: SecretStr = Field(
         SecretStr(""),
         description="API keys, comma-separated (empty: no authentication). When set, every "
