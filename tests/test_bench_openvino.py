@@ -1,8 +1,8 @@
 """bench/openvino.py on a tiny model: every variant measured, the table and its JSON, and
 OpenVINO's f32 answers equal to ONNX Runtime's.
 
-OpenVINO is an optional benchmark dependency (not in pyproject.toml, so not in `make test`):
-without it this module is skipped. No speed is asserted, only that each figure is there.
+OpenVINO is the service's optional runtime (`lantern[openvino]`, part of the `dev` extra
+that `make test` installs). No speed is asserted, only that each figure is there.
 """
 
 from __future__ import annotations
@@ -14,11 +14,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
-
-pytest.importorskip(
-    "openvino", reason="OpenVINO is optional for benchmarks: .venv/bin/pip install openvino"
-)
 
 ROOT = Path(__file__).resolve().parents[1]
 
