@@ -108,7 +108,17 @@ async def _read_multipart(
         raise InputError(f"malformed multipart/form-data body: {e}") from None
     try:
         if fields is not None:
-            fields.update({k: v for k, v in form.multi_items() if isinstance(v, str)})
+            texts = [(k, v) for k, v in form.multi_items() if isinstance(v, str)]
+            names = [k for k, _ in texts]
+            repeated = sorted({k for k in names if names.count(k) > 1})
+            if repeated:
+                # Which one would count is a guess; refuse instead of taking the last.
+                raise InputError(
+                    "form field(s) "
+                    + ", ".join(repr(k) for k in repeated)
+                    + " sent more than once; send each option once"
+                )
+            fields.update(texts)
         values = form.getlist(field)
         if not values:
             sent = sorted(set(form.keys()))

@@ -272,3 +272,26 @@ def test_no_bentoml_route_shadows_a_fastapi_route() -> None:
     bentoml_routes = {method.route for method in Lantern.apis.values()}
     assert bentoml_routes == {"/v1/predict", "/v1/predict_batch", "/v1/explain", "/v1/job_status"}
     assert not bentoml_routes & set(_route_paths(app.routes))
+
+
+@pytest.mark.parametrize("path", ["/v1/explain", "/explain"])
+def test_an_option_sent_twice_is_refused_not_guessed(
+    stack: Stack,
+    images: dict[str, Path],
+    path: str,
+) -> None:
+    """Repeated text fields (model twice, force twice) would otherwise count as the last
+    one sent, silently; the door says so instead (both doors read the form alike)."""
+    image = images["cat.png"].read_bytes()
+    files = [
+        ("images", ("cat.png", image, "image/png")),
+        ("model", (None, "latest")),
+        ("model", (None, "other")),
+        ("force", (None, "true")),
+        ("force", (None, "false")),
+    ]
+    r = _fastapi(stack, path, files=files)
+    assert r.status_code == 400, r.text
+    assert r.json() == {
+        "error": "form field(s) 'force', 'model' sent more than once; send each option once"
+    }
