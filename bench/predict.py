@@ -137,13 +137,7 @@ def time_batches(
     return batch * len(times) / sum(times), statistics.median(times)
 
 
-def bench_ort(
-    tag: str, budget_s: float, precision: str, cpu_ms: dict[int, float] | None = None
-) -> dict[int, tuple[float, float]]:
-    """(images/s, median seconds per call) per batch size; with `cpu_ms`, also the CPU
-    milliseconds per image the session spent (all its threads, spinning included)."""
-    import psutil
-
+def bench_ort(tag: str, budget_s: float, precision: str) -> dict[int, tuple[float, float]]:
     from lantern.core.bundle import load_bundle
     from service.classifier import create_session, graph_path, run
 
@@ -151,21 +145,7 @@ def bench_ort(
     session = create_session(graph_path(bundle, precision), provider="auto")
     rng = np.random.default_rng(0)
     inputs = {b: rng.standard_normal((b, 3, IMAGE_SIZE, IMAGE_SIZE), np.float32) for b in BATCHES}
-    me = psutil.Process()
-    rates = {}
-    for b in BATCHES:
-        images = 0
-
-        def counted(n: int) -> None:
-            nonlocal images
-            run(session, inputs[n])
-            images += n
-
-        cpu = _cpu_seconds([me])
-        rates[b] = time_batches(counted, b, budget_s)
-        if cpu_ms is not None:
-            cpu_ms[b] = (_cpu_seconds([me]) - cpu) / images * 1000
-    return rates
+    return {b: time_batches(lambda n: run(session, inputs[n]), b, budget_s) for b in BATCHES}
 
 
 def bench_ort_streams(
@@ -424,7 +404,7 @@ def render(
     provider: str,
     int8_rates: dict[int, tuple[float, float]],
     int8_service: list[LoadResult],
-    ort_cpu_ms: dict[int, float],
+    fp32_cpu_ms: dict[int, float],
     int8_cpu_ms: dict[int, float],
     streams_rates: dict[str, dict[int, float]],
 ) -> str:
@@ -461,7 +441,7 @@ def render(
         f"{f'  INT8, {n} streams x 1 thread':<34}"
         + "".join(f"{streams_rates['int8'][b]:>11.1f}" for b in BATCHES),
         f"{'  fp32 CPU ms per image, 1 thread':<34}"
-        + "".join(f"{ort_cpu_ms[b]:>11.1f}" for b in BATCHES),
+        + "".join(f"{fp32_cpu_ms[b]:>11.1f}" for b in BATCHES),
         f"{'  INT8 CPU ms per image, 1 thread':<34}"
         + "".join(f"{int8_cpu_ms[b]:>11.1f}" for b in BATCHES),
         "",
@@ -502,7 +482,7 @@ def render(
     lines += [
         f"{'where the CPU goes, ms per image':<34}"
         + "".join(f"{f'conc. {c}':>11}" for c in CONCURRENCY),
-        *_cpu_rows("fp32", service, ort_cpu_ms),
+        *_cpu_rows("fp32", service, fp32_cpu_ms),
         *_cpu_rows("INT8", int8_service, int8_cpu_ms),
         "",
     ]

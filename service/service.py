@@ -226,15 +226,16 @@ class Lantern:
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         """Class probabilities (N, classes) for preprocessed images (N, 3, H, W), on the
         session that uses every core."""
-        probabilities = classifier.softmax(classifier.run(self.session, batch))
-        self.trimmer.maybe_trim()  # between batches: hand freed heap memory back to the OS
-        return probabilities
+        return self._probabilities(self.session, batch)
 
     def stream_probabilities(self, batch: np.ndarray) -> np.ndarray:
         """The same, on the single-threaded session that the model streams share."""
         assert self.stream_session is not None
-        probabilities = classifier.softmax(classifier.run(self.stream_session, batch))
-        self.trimmer.maybe_trim()
+        return self._probabilities(self.stream_session, batch)
+
+    def _probabilities(self, session: Any, batch: np.ndarray) -> np.ndarray:
+        probabilities = classifier.softmax(classifier.run(session, batch))
+        self.trimmer.maybe_trim()  # between batches: hand freed heap memory back to the OS
         return probabilities
 
     def preprocess_uploads(self, uploads: list[Upload]) -> np.ndarray:
