@@ -6,7 +6,9 @@
 then checked against the fp32 graph on held-out images (the validation split the training
 run named): top-1 agreement and accuracy drop. The graph is kept only when it passes the
 gate (>= 99 % agreement, <= 1 accuracy point lost, by default); the numbers are recorded
-in the bundle's metadata (`int8`) either way.
+in the bundle's metadata (`int8`) either way. A graph that passes is checked again as
+OpenVINO runs it, when openvino is installed (`int8.openvino`): the service's OpenVINO
+runtime serves the INT8 graph only if that check passed too.
 
 Images go through the core's `PreprocessSpec.apply`, exactly what the service runs.
 """
@@ -231,6 +233,71 @@ def top1(onnx_path: Path, images: np.ndarray, batch: int = 32) -> np.ndarray:
     return np.concatenate(out)
 
 
+def openvino_top1(onnx_path: Path, images: np.ndarray, batch: int = 32) -> np.ndarray:
+    """Top-1 class of every image under OpenVINO, compiled exactly as the service compiles
+    it for LANTERN_RUNTIME=openvino (service.openvino_runtime). Raises ImportError when the
+    optional openvino package is not installed."""
+    import openvino  # noqa: F401  (ImportError here, before anything is compiled)
+
+    from service.classifier import usable_cpus
+    from service.openvino_runtime import OpenVINOModel
+
+    model = OpenVINOModel(onnx_path, threads=usable_cpus())
+    name = model.get_inputs()[0].name
+    out = [
+        np.asarray(model.run(None, {name: images[i : i + batch]})[0]).argmax(axis=1)
+        for i in range(0, len(images), batch)
+    ]
+    return np.concatenate(out)
+
+
+def openvino_gate(
+    int8_path: Path,
+    holdout: Images,
+    fp32_top1: np.ndarray,
+    *,
+    min_agreement: float,
+    max_accuracy_drop: float,
+) -> dict[str, Any]:
+    """The same gate for the INT8 graph as OpenVINO runs it (its int8 kernels round, fuse
+    and requantise differently from ONNX Runtime's, so ONNX Runtime's figures do not vouch
+    for it): its top-1 agreement with ONNX Runtime fp32 and its accuracy drop on the same
+    held-out images. "skipped" when openvino is not installed, and the service then serves
+    fp32 under LANTERN_RUNTIME=openvino."""
+    try:
+        import openvino
+    except ImportError:
+        return {"status": "skipped", "reason": "openvino was not installed at export"}
+    got = openvino_top1(int8_path, holdout.arrays)
+    agreement = 100.0 * float(np.mean(fp32_top1 == got))
+    acc32 = 100.0 * float(np.mean(fp32_top1 == holdout.labels))
+    acc8 = 100.0 * float(np.mean(got == holdout.labels))
+    drop = acc32 - acc8
+    passed = agreement >= min_agreement and drop <= max_accuracy_drop
+    record: dict[str, Any] = {
+        "status": "passed" if passed else "refused",
+        "version": str(openvino.__version__),
+        "agreement": round(agreement, 3),
+        "int8_accuracy": round(acc8, 3),
+        "accuracy_drop": round(drop, 3),
+    }
+    figures = (
+        f"OpenVINO {openvino.__version__} INT8: top-1 agreement with fp32 {agreement:.1f}% "
+        f"(needs >= {min_agreement:g}%), accuracy drop {drop:.1f} points (at most "
+        f"{max_accuracy_drop:g})"
+    )
+    if passed:
+        log.info("INT8 graph passes under OpenVINO too: %s", figures)
+    else:
+        record["reason"] = figures
+        log.warning(
+            "INT8 graph REFUSED for OpenVINO: %s. With LANTERN_RUNTIME=openvino the model "
+            "is served in fp32; ONNX Runtime still serves the INT8 graph.",
+            figures,
+        )
+    return record
+
+
 def build_int8(
     fp32_path: Path,
     out_path: Path,
@@ -272,6 +339,13 @@ def build_int8(
     )
     if passed:
         log.info("INT8 graph passes: %s", figures)
+        meta["openvino"] = openvino_gate(
+            out_path,
+            holdout,
+            ref,
+            min_agreement=min_agreement,
+            max_accuracy_drop=max_accuracy_drop,
+        )
         return Int8Result(meta, out_path)
     meta["reason"] = figures
     log.warning(

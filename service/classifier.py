@@ -20,9 +20,9 @@ from typing import Any, Protocol
 import numpy as np
 import onnxruntime as ort
 
-from lantern.core.bundle import Bundle, describe_int8
+from lantern.core.bundle import Bundle, describe_int8, describe_openvino_int8
 from lantern.core.errors import ModelError, UsageError
-from service.openvino_runtime import OpenVINOModel, require_openvino
+from service.openvino_runtime import INSTALL_HINT, OpenVINOModel, require_openvino
 
 log = logging.getLogger("lantern.service.classifier")
 
@@ -126,6 +126,20 @@ def graph_path(bundle: Bundle, precision: str) -> Path:
     raise UsageError(f"precision must be one of {', '.join(PRECISION_CHOICES)}, not {precision!r}")
 
 
+def openvino_graph_path(bundle: Bundle, precision: str) -> Path:
+    """graph_path for LANTERN_RUNTIME=openvino: the INT8 graph only if it also passed its
+    gate as OpenVINO runs it (models.quantize.openvino_gate). Raises ModelError otherwise."""
+    path = graph_path(bundle, precision)
+    if precision == "int8" and bundle.openvino_int8_path is None:
+        raise ModelError(
+            f"LANTERN_PRECISION=int8 with LANTERN_RUNTIME=openvino but model {bundle.tag}'s "
+            f"INT8 graph did not pass its gate under OpenVINO "
+            f"({describe_openvino_int8(bundle.int8)}); re-export it with openvino installed "
+            f"({INSTALL_HINT}), or set LANTERN_PRECISION to auto or fp32"
+        )
+    return path
+
+
 def check_runtime(runtime: str, *, precision: str, provider: str) -> None:
     """Refuse, in one line each, what `runtime` cannot do: OpenVINO runs on the CPU only
     (so neither LANTERN_ORT_PROVIDER=cuda nor the fp16 graph, which is a CUDA graph), and
@@ -167,8 +181,15 @@ def open_model(
     check_runtime(runtime, precision=precision, provider=provider)
     if runtime == OPENVINO:
         if precision == "auto":
-            precision = "int8" if bundle.onnx_int8_path is not None else "fp32"
-        path = graph_path(bundle, precision)
+            precision = "int8" if bundle.openvino_int8_path is not None else "fp32"
+            if precision == "fp32" and bundle.onnx_int8_path is not None:
+                log.warning(
+                    "model %s: OpenVINO serves fp32, not the INT8 graph: its check under "
+                    "OpenVINO at export: %s",
+                    bundle.tag,
+                    describe_openvino_int8(bundle.int8),
+                )
+        path = openvino_graph_path(bundle, precision)
         threads = threads if threads > 0 else usable_cpus()
         return OpenVINOModel(path, threads=threads), precision
     if precision != "auto":

@@ -26,7 +26,7 @@ import bentoml
 import numpy as np
 from PIL import Image
 
-from lantern.core.bundle import Bundle, describe_int8, load_bundle
+from lantern.core.bundle import Bundle, describe_int8, describe_openvino_int8, load_bundle
 from lantern.core.images import decode_image
 from lantern.core.logs import configure_logging
 from lantern.core.settings import Settings, get_settings
@@ -135,7 +135,12 @@ class Lantern:
             self.runtime,
             self.precision,
             self.settings.precision,
-            describe_int8(self.bundle.int8),
+            describe_int8(self.bundle.int8)
+            + (
+                f"; under OpenVINO: {describe_openvino_int8(self.bundle.int8)}"
+                if self.runtime == classifier.OPENVINO
+                else ""
+            ),
             self.streams,
         )
         self.batcher = MicroBatcher(

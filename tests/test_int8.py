@@ -105,6 +105,88 @@ def test_export_builds_a_calibrated_int8_graph_and_records_its_check(int8_bundle
     assert int8_bundle.meta["export"]["int8"] == "passed"
 
 
+def test_export_checks_the_int8_graph_again_as_openvino_runs_it(int8_bundle: Bundle) -> None:
+    """OpenVINO's int8 kernels are not ONNX Runtime's: the same gate, measured with OpenVINO
+    compiled as the service compiles it, on the same held-out images."""
+    import openvino
+
+    from lantern.core.images import decode_image
+
+    record = int8_bundle.int8
+    assert record is not None
+    check = record["openvino"]
+    assert check["status"] == "passed", check
+    assert check["version"] == openvino.__version__
+    assert check["agreement"] >= TEST_MIN_AGREEMENT
+    assert check["accuracy_drop"] <= TEST_MAX_ACCURACY_DROP
+    assert int8_bundle.openvino_int8_path == int8_bundle.onnx_int8_path
+    # The recorded figure is OpenVINO's own answer on the held-out images, recomputed here.
+    uploads, fp32_top1 = held_out_pngs(int8_bundle)
+    x = int8_bundle.preprocess.apply_batch([decode_image(d, max_pixels=10**8) for d in uploads])
+    assert int8_bundle.onnx_int8_path is not None
+    got = quantize.openvino_top1(int8_bundle.onnx_int8_path, x)
+    assert round(100.0 * float(np.mean(got == fp32_top1)), 3) == check["agreement"]
+
+
+def test_the_openvino_gate_refuses_on_its_own_and_skips_without_openvino(
+    int8_bundle: Bundle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert int8_bundle.onnx_int8_path is not None
+    uploads, fp32_top1 = held_out_pngs(int8_bundle)
+    from lantern.core.images import decode_image
+
+    x = int8_bundle.preprocess.apply_batch([decode_image(d, max_pixels=10**8) for d in uploads])
+    labels = fp32_top1  # any labels: the gate compares the two graphs' answers
+    holdout = quantize.Images(x, labels, "held out")
+    refused = quantize.openvino_gate(
+        int8_bundle.onnx_int8_path, holdout, fp32_top1, min_agreement=100.1, max_accuracy_drop=1
+    )
+    assert refused["status"] == "refused" and "needs >= 100.1%" in refused["reason"]
+    monkeypatch.setitem(sys.modules, "openvino", None)  # as if it were not installed
+    skipped = quantize.openvino_gate(
+        int8_bundle.onnx_int8_path, holdout, fp32_top1, min_agreement=99, max_accuracy_drop=1
+    )
+    assert skipped == {"status": "skipped", "reason": "openvino was not installed at export"}
+
+
+def with_openvino_check(bundle: Bundle, check: dict[str, Any] | None) -> Bundle:
+    """The same bundle (files untouched), its INT8 record's OpenVINO check replaced."""
+    meta = json.loads(json.dumps(bundle.meta))
+    if check is None:
+        meta["int8"].pop("openvino", None)
+    else:
+        meta["int8"]["openvino"] = check
+    return Bundle(bundle.tag, bundle.path, meta)
+
+
+@pytest.mark.parametrize(
+    ("check", "why"),
+    [
+        (None, "not checked with OpenVINO at export"),
+        ({"status": "refused", "reason": "OpenVINO 2026.4.1 INT8: 97.0% agree"}, "refused: "),
+        ({"status": "skipped", "reason": "openvino was not installed at export"}, "skipped: "),
+    ],
+)
+def test_openvino_serves_int8_only_when_it_passed_the_openvino_check(
+    int8_bundle: Bundle,
+    check: dict[str, Any] | None,
+    why: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    bundle = with_openvino_check(int8_bundle, check)
+    assert bundle.onnx_int8_path is not None and bundle.openvino_int8_path is None
+    with caplog.at_level("WARNING", logger="lantern.service.classifier"):
+        _, precision = classifier.open_model(bundle, runtime="openvino", threads=1)
+    assert precision == "fp32"
+    assert "OpenVINO serves fp32, not the INT8 graph" in caplog.text and why in caplog.text
+    with pytest.raises(ModelError, match="did not pass its gate under OpenVINO") as refused:
+        classifier.open_model(bundle, precision="int8", runtime="openvino", threads=1)
+    assert why in str(refused.value) and "lantern[openvino]" in str(refused.value)
+    # ONNX Runtime still serves the INT8 graph its own gate passed.
+    _, precision = classifier.open_model(bundle, provider="cpu", threads=1)
+    assert precision == "int8"
+
+
 def test_the_gate_refuses_the_int8_graph_and_the_fp32_model_is_still_registered(
     trained_checkpoint: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -36,13 +36,14 @@ def run(args: argparse.Namespace) -> int:
     # same bundle even if a new version is registered while they start.
     settings = get_settings()
     bundle = load_bundle(args.model or settings.model)
-    from service.classifier import check_runtime, graph_path
+    from service.classifier import OPENVINO, check_runtime, graph_path, openvino_graph_path
 
     # What the server would refuse as it starts, refused now in one line: a runtime that
     # is not installed or cannot do what is asked, an explicit precision the bundle lacks.
     check_runtime(settings.runtime, precision=settings.precision, provider=settings.ort_provider)
     if settings.precision != "auto":
-        graph_path(bundle, settings.precision)
+        check_graph = openvino_graph_path if settings.runtime == OPENVINO else graph_path
+        check_graph(bundle, settings.precision)
     env = {**os.environ, "LANTERN_MODEL": bundle.tag, "BENTOML_DO_NOT_TRACK": "true"}
     for name, value in MALLOC_ENV.items():  # glibc reads these when the server starts
         env.setdefault(name, value)

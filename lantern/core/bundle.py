@@ -77,6 +77,14 @@ class Bundle:
         return p if passed and p.exists() else None
 
     @property
+    def openvino_int8_path(self) -> Path | None:
+        """The INT8 graph, only if it passed its gate at export as ONNX Runtime runs it and
+        again as OpenVINO runs it (meta["int8"]["openvino"]): what LANTERN_RUNTIME=openvino
+        may serve."""
+        checked = ((self.meta.get("int8") or {}).get("openvino") or {}).get("status")
+        return self.onnx_int8_path if checked == "passed" else None
+
+    @property
     def int8(self) -> dict[str, Any] | None:
         """The INT8 record of the export: status (passed, refused, skipped) and figures."""
         record = self.meta.get("int8")
@@ -136,6 +144,20 @@ def describe_int8(record: dict[str, Any] | None, missing: str = "-") -> str:
         return "skipped: " + str(record.get("reason", "no calibration data"))
     text = f"{float(record['agreement']):.1f}% agree"
     return text if status == "passed" else f"refused: {text}"
+
+
+def describe_openvino_int8(record: dict[str, Any] | None) -> str:
+    """The INT8 graph's check under OpenVINO in one line: "99.4% agree (OpenVINO 2026.4.1)",
+    "refused: <figures>", "skipped: <why>", or why there is nothing to check."""
+    if not record or record.get("status") != "passed":
+        return "no INT8 graph passed its gate at export"
+    check = record.get("openvino")
+    if not check:
+        return "not checked with OpenVINO at export (exported before Lantern checked it)"
+    status = check.get("status")
+    if status == "passed":
+        return f"{float(check['agreement']):.1f}% agree (OpenVINO {check.get('version', '?')})"
+    return f"{status}: {check.get('reason', '')}"
 
 
 def layer_not_explainable(name: str, layers: dict[str, list[int]], exists: bool) -> str:

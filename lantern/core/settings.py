@@ -120,9 +120,10 @@ class Settings(BaseSettings):
         "onnxruntime",
         description="What runs the model in the service: onnxruntime, or openvino (CPU only; "
         "`pip install 'lantern[openvino]'`): the same ONNX graphs, fp32 computed in fp32 "
-        "and the INT8 graph as exported (on an Intel CPU with AMX its INT8 ran 2-3x faster, "
-        "BENCHMARKS.md). With openvino, auto "
-        "precision is INT8 when the bundle has it, else fp32; fp16 and "
+        "and the INT8 graph as exported (on an Intel CPU with AMX its INT8 ran 2-3x faster; "
+        "on an AMD EPYC with AVX2 no faster: BENCHMARKS.md). With openvino, auto precision is "
+        "INT8 when the bundle's INT8 graph also passed its gate as OpenVINO runs it (checked "
+        "by `lantern export` when openvino is installed), else fp32; fp16 and "
         "LANTERN_ORT_PROVIDER=cuda are refused; LANTERN_ORT_THREADS and "
         "LANTERN_MODEL_STREAMS apply to it too.",
     )
