@@ -233,14 +233,24 @@ def top1(onnx_path: Path, images: np.ndarray, batch: int = 32) -> np.ndarray:
     return np.concatenate(out)
 
 
+def compare_top1(
+    fp32: np.ndarray, int8: np.ndarray, labels: np.ndarray
+) -> tuple[float, float, float, float]:
+    """(top-1 agreement, fp32 accuracy, INT8 accuracy, accuracy drop), in percent."""
+    agreement = 100.0 * float(np.mean(fp32 == int8))
+    acc32 = 100.0 * float(np.mean(fp32 == labels))
+    acc8 = 100.0 * float(np.mean(int8 == labels))
+    return agreement, acc32, acc8, acc32 - acc8
+
+
 def openvino_top1(onnx_path: Path, images: np.ndarray, batch: int = 32) -> np.ndarray:
     """Top-1 class of every image under OpenVINO, compiled exactly as the service compiles
-    it for LANTERN_RUNTIME=openvino (service.openvino_runtime). Raises ImportError when the
+    it for LANTERN_RUNTIME=openvino (lantern.core.openvino_runtime). Raises ImportError when the
     optional openvino package is not installed."""
     import openvino  # noqa: F401  (ImportError here, before anything is compiled)
 
-    from service.classifier import usable_cpus
-    from service.openvino_runtime import OpenVINOModel
+    from lantern.core.cpus import usable_cpus
+    from lantern.core.openvino_runtime import OpenVINOModel
 
     model = OpenVINOModel(onnx_path, threads=usable_cpus())
     name = model.get_inputs()[0].name
@@ -269,10 +279,7 @@ def openvino_gate(
     except ImportError:
         return {"status": "skipped", "reason": "openvino was not installed at export"}
     got = openvino_top1(int8_path, holdout.arrays)
-    agreement = 100.0 * float(np.mean(fp32_top1 == got))
-    acc32 = 100.0 * float(np.mean(fp32_top1 == holdout.labels))
-    acc8 = 100.0 * float(np.mean(got == holdout.labels))
-    drop = acc32 - acc8
+    agreement, _, acc8, drop = compare_top1(fp32_top1, got, holdout.labels)
     passed = agreement >= min_agreement and drop <= max_accuracy_drop
     record: dict[str, Any] = {
         "status": "passed" if passed else "refused",
@@ -310,10 +317,7 @@ def build_int8(
     """Quantise, compare with fp32 on the held-out images, and apply the gate."""
     quantize(fp32_path, calibration.arrays, out_path)
     ref, got = top1(fp32_path, holdout.arrays), top1(out_path, holdout.arrays)
-    agreement = 100.0 * float(np.mean(ref == got))
-    acc32 = 100.0 * float(np.mean(ref == holdout.labels))
-    acc8 = 100.0 * float(np.mean(got == holdout.labels))
-    drop = acc32 - acc8
+    agreement, acc32, acc8, drop = compare_top1(ref, got, holdout.labels)
     passed = agreement >= min_agreement and drop <= max_accuracy_drop
     meta: dict[str, Any] = {
         "status": "passed" if passed else "refused",

@@ -12,8 +12,8 @@ pages.py         the web page (/), the API docs page (/docs) and their static fi
 dependencies.py  how routes reach the running service (FastAPI dependencies)
 explanations.py  explanation jobs as the API sees them: validate, enqueue, report, files
 uploads.py       HTTP request -> uploaded files, with size limits
-classifier.py    the model session (ONNX Runtime, provider selection; or OpenVINO), softmax, top-k
-openvino_runtime.py  OpenVINO behind the calls of an ONNX Runtime session (LANTERN_RUNTIME)
+classifier.py    the model session (ONNX Runtime, provider selection; or OpenVINO,
+                 lantern.core.openvino_runtime), softmax, top-k
 batcher.py       micro-batching: concurrent requests share one model call
 metrics.py       Lantern's own Prometheus metrics (model info, batch size, queue wait)
 gateway.py       API keys, and request metrics labelled by route template

@@ -4,14 +4,13 @@ Torch-free. `onnxruntime-gpu` lists the CUDA provider whenever the package is in
 even when CUDA then fails to load and the session silently falls back to the CPU; so the
 provider actually in use is read back from `session.get_providers()`, never assumed.
 
-ONNX Runtime is the runtime (`LANTERN_RUNTIME`); OpenVINO (service.openvino_runtime) is an
+ONNX Runtime is the runtime (`LANTERN_RUNTIME`); OpenVINO (lantern.core.openvino_runtime) is an
 optional one for the CPU that runs the same ONNX graphs behind the same calls.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +20,9 @@ import numpy as np
 import onnxruntime as ort
 
 from lantern.core.bundle import Bundle, describe_int8, describe_openvino_int8
+from lantern.core.cpus import usable_cpus
 from lantern.core.errors import ModelError, UsageError
-from service.openvino_runtime import INSTALL_HINT, OpenVINOModel, require_openvino
+from lantern.core.openvino_runtime import INSTALL_HINT, OpenVINOModel, require_openvino
 
 log = logging.getLogger("lantern.service.classifier")
 
@@ -244,14 +244,6 @@ def model_streams(setting: int, provider: str) -> int:
     if provider == CUDA:
         return 1
     return setting if setting > 0 else usable_cpus()
-
-
-def usable_cpus() -> int:
-    """CPUs this process may run on (respects affinity masks and container cpusets)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def run(session: Session, batch: np.ndarray) -> np.ndarray:

@@ -91,7 +91,7 @@ def patch_timeout_middleware() -> bool:
 
 def decode_threads() -> int:
     """Worker threads that may decode uploads at once: two per usable CPU."""
-    from service.classifier import usable_cpus
+    from lantern.core.cpus import usable_cpus
 
     return 2 * usable_cpus()
 

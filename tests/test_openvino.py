@@ -23,8 +23,8 @@ import pytest
 from lantern.core.bundle import Bundle
 from lantern.core.errors import UsageError
 from lantern.core.images import decode_image
+from lantern.core.openvino_runtime import PROVIDER, OpenVINOModel
 from service import classifier
-from service.openvino_runtime import PROVIDER, OpenVINOModel
 from tests.service_fixtures import Server, png, start_server, stop_server
 
 STREAMS = 2  # OpenVINO compiles no more streams than there are cores
@@ -206,7 +206,7 @@ def test_the_openvino_runtime_never_loads_torch(tiny_bundle: Bundle) -> None:
         "from pathlib import Path\n"
         "import numpy as np\n"
         "from service import classifier\n"
-        "from service.openvino_runtime import OpenVINOModel\n"
+        "from lantern.core.openvino_runtime import OpenVINOModel\n"
         f"model = OpenVINOModel(Path({str(tiny_bundle.onnx_path)!r}), threads=1)\n"
         f"size = {tiny_bundle.preprocess.crop_size}\n"
         "classifier.run(model, np.zeros((1, 3, size, size), np.float32))\n"

@@ -11,6 +11,9 @@
                   the workers alike
     redis_retry   Redis writes that outlast a Redis restart
     job_metrics   explanation-side metrics kept in Redis
+    cpus          how many CPUs this process may use
+    openvino_runtime  OpenVINO behind the calls of an ONNX Runtime session: what the
+                  service runs with LANTERN_RUNTIME=openvino and what the export checks
 
 The layers (tests/test_layers.py enforces them):
 

@@ -8,7 +8,9 @@ by side"); on other CPUs it may not be faster, which is why it is optional.
 
 `openvino` is an optional dependency (`pip install 'lantern[openvino]'`) and is imported only
 when a model is compiled, so the default install and the default runtime never need it.
-Torch-free, like the rest of the service.
+In the core because two layers run it: the service, and the export's INT8 check under
+OpenVINO (models.quantize.openvino_gate), which must compile the graph exactly as the
+service does. Torch-free.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import numpy as np
 
 from lantern.core.errors import ModelError, UsageError
 
-log = logging.getLogger("lantern.service.openvino")
+log = logging.getLogger("lantern.openvino")
 
 PROVIDER = "OpenVINO CPU"
 """What `get_providers()` names: logged at startup and shown on /metrics."""
