@@ -110,8 +110,6 @@ def test_export_checks_the_int8_graph_again_as_openvino_runs_it(int8_bundle: Bun
     compiled as the service compiles it, on the same held-out images."""
     import openvino
 
-    from lantern.core.images import decode_image
-
     record = int8_bundle.int8
     assert record is not None
     check = record["openvino"]
@@ -121,8 +119,7 @@ def test_export_checks_the_int8_graph_again_as_openvino_runs_it(int8_bundle: Bun
     assert check["accuracy_drop"] <= TEST_MAX_ACCURACY_DROP
     assert int8_bundle.openvino_int8_path == int8_bundle.onnx_int8_path
     # The recorded figure is OpenVINO's own answer on the held-out images, recomputed here.
-    uploads, fp32_top1 = held_out_pngs(int8_bundle)
-    x = int8_bundle.preprocess.apply_batch([decode_image(d, max_pixels=10**8) for d in uploads])
+    _, x, fp32_top1 = held_out(int8_bundle)
     assert int8_bundle.onnx_int8_path is not None
     got = quantize.openvino_top1(int8_bundle.onnx_int8_path, x)
     assert round(100.0 * float(np.mean(got == fp32_top1)), 3) == check["agreement"]
@@ -132,10 +129,7 @@ def test_the_openvino_gate_refuses_on_its_own_and_skips_without_openvino(
     int8_bundle: Bundle, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     assert int8_bundle.onnx_int8_path is not None
-    uploads, fp32_top1 = held_out_pngs(int8_bundle)
-    from lantern.core.images import decode_image
-
-    x = int8_bundle.preprocess.apply_batch([decode_image(d, max_pixels=10**8) for d in uploads])
+    _, x, fp32_top1 = held_out(int8_bundle)
     labels = fp32_top1  # any labels: the gate compares the two graphs' answers
     holdout = quantize.Images(x, labels, "held out")
     refused = quantize.openvino_gate(
@@ -292,8 +286,9 @@ def int8_server(int8_bundle: Bundle, tmp_path_factory: pytest.TempPathFactory) -
     stop_server(server)
 
 
-def held_out_pngs(bundle: Bundle) -> tuple[list[bytes], np.ndarray]:
-    """The held-out images the gate was checked on, as PNG uploads, with their fp32 top-1."""
+def held_out(bundle: Bundle) -> tuple[list[bytes], np.ndarray, np.ndarray]:
+    """The held-out images the gate was checked on: as PNG uploads, preprocessed as the
+    service does, and their fp32 top-1."""
     from lantern.core.images import decode_image
     from models.data import ShapesDataset
 
@@ -301,30 +296,37 @@ def held_out_pngs(bundle: Bundle) -> tuple[list[bytes], np.ndarray]:
     val = ShapesDataset(int(training["val_images"]), size=SIZE, seed=int(training["seed"]) + 10_000)
     uploads = [encode(val[i][0], "PNG") for i in range(len(val))]
     x = bundle.preprocess.apply_batch([decode_image(d, max_pixels=10**8) for d in uploads])
-    return uploads, quantize.top1(bundle.onnx_path, x)
+    return uploads, x, quantize.top1(bundle.onnx_path, x)
+
+
+def predicted_classes(client: httpx.Client, uploads: list[bytes], precision: str) -> np.ndarray:
+    """The service's top-1 class for every upload (POST /predict_batch, 8 at a time), each
+    answer checked to come from `precision`."""
+    got: list[int] = []
+    for start in range(0, len(uploads), 8):
+        chunk = range(start, min(start + 8, len(uploads)))
+        files = [("images", (f"{i}.png", uploads[i], "image/png")) for i in chunk]
+        r = client.post("/predict_batch", files=files)
+        assert r.status_code == 200, r.text
+        predictions = r.json()["predictions"]
+        assert {p["precision"] for p in predictions} == {precision}
+        got += [p["class_index"] for p in predictions]
+    return np.asarray(got)
 
 
 @pytest.mark.integration
 def test_predict_reports_int8_and_agrees_with_fp32_as_the_gate_promises(
     int8_server: Server, int8_bundle: Bundle
 ) -> None:
-    uploads, fp32_top1 = held_out_pngs(int8_bundle)
-    got: list[int] = []
+    uploads, _, fp32_top1 = held_out(int8_bundle)
     with httpx.Client(base_url=int8_server.url, timeout=60) as client:
         r = client.post("/predict", files={"image": ("0.png", uploads[0], "image/png")})
         assert r.status_code == 200, r.text
         assert r.json()["precision"] == "int8"
         assert r.json()["model_version"] == int8_bundle.version
-        for start in range(0, len(uploads), 8):
-            chunk = range(start, min(start + 8, len(uploads)))
-            files = [("images", (f"{i}.png", uploads[i], "image/png")) for i in chunk]
-            r = client.post("/predict_batch", files=files)
-            assert r.status_code == 200, r.text
-            predictions = r.json()["predictions"]
-            assert {p["precision"] for p in predictions} == {"int8"}
-            got += [p["class_index"] for p in predictions]
+        got = predicted_classes(client, uploads, "int8")
         metrics = client.get("/metrics").text
-    agreement = 100.0 * float(np.mean(np.asarray(got) == fp32_top1))
+    agreement = 100.0 * float(np.mean(got == fp32_top1))
     assert agreement >= int8_bundle.meta["int8"]["min_agreement"], agreement
     assert 'precision="int8"' in metrics and "lantern_model_info" in metrics
     assert "precision int8" in int8_server.log_text()  # the startup log says so
@@ -349,26 +351,15 @@ def test_openvino_serves_the_same_int8_graph_and_agrees_as_the_gate_promises(
 ) -> None:
     """The gate was checked with ONNX Runtime; OpenVINO's INT8 kernels round differently,
     so its answers are held to the same promise against fp32, and to ONNX Runtime's INT8."""
-    uploads, fp32_top1 = held_out_pngs(int8_bundle)
-    from lantern.core.images import decode_image
-
+    uploads, x, fp32_top1 = held_out(int8_bundle)
     assert int8_bundle.onnx_int8_path is not None
-    x = int8_bundle.preprocess.apply_batch([decode_image(d, max_pixels=10**8) for d in uploads])
     ort_int8_top1 = quantize.top1(int8_bundle.onnx_int8_path, x)
-    got: list[int] = []
     with httpx.Client(base_url=int8_openvino_server.url, timeout=60) as client:
-        for start in range(0, len(uploads), 8):
-            chunk = range(start, min(start + 8, len(uploads)))
-            files = [("images", (f"{i}.png", uploads[i], "image/png")) for i in chunk]
-            r = client.post("/predict_batch", files=files)
-            assert r.status_code == 200, r.text
-            predictions = r.json()["predictions"]
-            assert {p["precision"] for p in predictions} == {"int8"}
-            got += [p["class_index"] for p in predictions]
+        got = predicted_classes(client, uploads, "int8")
         metrics = client.get("/metrics").text
     minimum = int8_bundle.meta["int8"]["min_agreement"]
-    vs_fp32 = 100.0 * float(np.mean(np.asarray(got) == fp32_top1))
-    vs_ort_int8 = 100.0 * float(np.mean(np.asarray(got) == ort_int8_top1))
+    vs_fp32 = 100.0 * float(np.mean(got == fp32_top1))
+    vs_ort_int8 = 100.0 * float(np.mean(got == ort_int8_top1))
     assert vs_fp32 >= minimum and vs_ort_int8 >= minimum, (vs_fp32, vs_ort_int8)
     assert 'precision="int8"' in metrics and 'runtime="openvino"' in metrics
     assert "(runtime openvino), precision int8" in int8_openvino_server.log_text()
