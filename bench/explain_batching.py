@@ -15,8 +15,8 @@ Each round, on the same worker and the same images:
 
 Each contender is timed over the worker's own loop (dequeue, claim, execute: RQ's work()
 less its start-up and shutdown) until its queue is empty (artifacts, progress and
-manifests written, results recorded in Redis), round-robin, so load from other
-processes falls on all of them alike. The ratio that counts is single jobs / one job
+manifests written, results recorded in Redis), round-robin in alternating order, so
+load from other processes falls on all of them alike. The ratio that counts is single jobs / one job
 in images per second, per round (the same round, the same machine load), reported as
 median and spread.
 Target: >= 0.8.
@@ -144,7 +144,10 @@ def main(args: argparse.Namespace) -> int:
     times: dict[str, list[float]] = {k: [] for k in contenders}
     try:
         for round_ in range(args.repeats + 1):  # round 0 warms up
-            for name, (group_jobs, per_job) in contenders.items():
+            # The order alternates (A B, B A, ...): a machine getting busier or quieter
+            # within a round then favours neither contender.
+            order = list(contenders.items())
+            for name, (group_jobs, per_job) in order if round_ % 2 else order[::-1]:
                 took = run(name.replace(" ", "-"), group_jobs, per_job, round_)
                 if round_ > 0:
                     times[name].append(took)
