@@ -181,6 +181,13 @@ def test_train_then_export_fp16_leaves_a_half_precision_graph_and_models_list_sh
 
     bundle = load_bundle(tag)
     assert bundle.meta["export"]["fp16"] is True
+    # The INT8 graph's fate is printed either way: passed, with its check under OpenVINO
+    # (a dev install has openvino); or refused/skipped, with the reason, on stderr.
+    int8 = bundle.int8 or {}
+    if int8.get("status") == "passed":
+        assert f"INT8 under OpenVINO: {int8['openvino']['agreement']:.1f}% agree" in exported.stdout
+    else:
+        assert f"INT8 graph {str(int8.get('status')).upper()}: " in exported.stderr
     assert bundle.onnx_fp16_path is not None and bundle.onnx_fp16_path.is_file()
     half = onnx.load(str(bundle.onnx_fp16_path))
     weights = [t for t in half.graph.initializer if len(t.dims) >= 2]  # conv / linear weights

@@ -71,7 +71,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lantern.core.bundle import describe_int8
+    from lantern.core.bundle import describe_int8, describe_openvino_int8
     from models.export import export_checkpoint
 
     bundle = export_checkpoint(
@@ -98,6 +98,9 @@ def run(args: argparse.Namespace) -> int:
             f"{bundle.tag} is registered in fp32 only.",
             file=sys.stderr,
         )
+    elif record.get("status") == "passed":
+        # The same INT8 graph as OpenVINO runs it (LANTERN_RUNTIME=openvino).
+        print(f"INT8 under OpenVINO: {describe_openvino_int8(record)}")
     return 0
 
 
