@@ -16,9 +16,9 @@ Each round, on the same worker and the same images:
 Each contender is timed over the worker's own loop (dequeue, claim, execute: RQ's work()
 less its start-up and shutdown) until its queue is empty (artifacts, progress and
 manifests written, results recorded in Redis), round-robin in alternating order, so
-load from other processes falls on all of them alike. The ratio that counts is single jobs / one job
-in images per second, per round (the same round, the same machine load), reported as
-median and spread.
+load from other processes falls on all of them alike. The ratio that counts is single
+jobs / one job in images per second, per round (the same round, the same machine load),
+reported as median and spread.
 Target: >= 0.8.
 """
 

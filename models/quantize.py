@@ -225,6 +225,12 @@ def top1(onnx_path: Path, images: np.ndarray, batch: int = 32) -> np.ndarray:
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    return _batched_top1(session, images, batch)
+
+
+def _batched_top1(session: Any, images: np.ndarray, batch: int) -> np.ndarray:
+    """Top-1 class of every image, `batch` at a time, from anything with ONNX Runtime's
+    session calls (`get_inputs()`, `run(None, feed)`): an ORT session or an OpenVINOModel."""
     name = session.get_inputs()[0].name
     out = [
         np.asarray(session.run(None, {name: images[i : i + batch]})[0]).argmax(axis=1)
@@ -245,20 +251,12 @@ def compare_top1(
 
 def openvino_top1(onnx_path: Path, images: np.ndarray, batch: int = 32) -> np.ndarray:
     """Top-1 class of every image under OpenVINO, compiled exactly as the service compiles
-    it for LANTERN_RUNTIME=openvino (lantern.core.openvino_runtime). Raises ImportError when the
-    optional openvino package is not installed."""
-    import openvino  # noqa: F401  (ImportError here, before anything is compiled)
-
+    it for LANTERN_RUNTIME=openvino (lantern.core.openvino_runtime). Raises UsageError when
+    the optional openvino package is not installed."""
     from lantern.core.cpus import usable_cpus
     from lantern.core.openvino_runtime import OpenVINOModel
 
-    model = OpenVINOModel(onnx_path, threads=usable_cpus())
-    name = model.get_inputs()[0].name
-    out = [
-        np.asarray(model.run(None, {name: images[i : i + batch]})[0]).argmax(axis=1)
-        for i in range(0, len(images), batch)
-    ]
-    return np.concatenate(out)
+    return _batched_top1(OpenVINOModel(onnx_path, threads=usable_cpus()), images, batch)
 
 
 def openvino_gate(
