@@ -105,7 +105,9 @@ def test_export_builds_a_calibrated_int8_graph_and_records_its_check(int8_bundle
     assert int8_bundle.meta["export"]["int8"] == "passed"
 
 
-def test_export_checks_the_int8_graph_again_as_openvino_runs_it(int8_bundle: Bundle) -> None:
+def test_export_checks_the_int8_graph_again_as_openvino_runs_it(
+    int8_bundle: Bundle, held_out_images: HeldOut
+) -> None:
     """OpenVINO's int8 kernels are not ONNX Runtime's: the same gate, measured with OpenVINO
     compiled as the service compiles it, on the same held-out images."""
     import openvino
@@ -119,17 +121,17 @@ def test_export_checks_the_int8_graph_again_as_openvino_runs_it(int8_bundle: Bun
     assert check["accuracy_drop"] <= TEST_MAX_ACCURACY_DROP
     assert int8_bundle.openvino_int8_path == int8_bundle.onnx_int8_path
     # The recorded figure is OpenVINO's own answer on the held-out images, recomputed here.
-    _, x, fp32_top1 = held_out(int8_bundle)
+    _, x, fp32_top1 = held_out_images
     assert int8_bundle.onnx_int8_path is not None
     got = quantize.openvino_top1(int8_bundle.onnx_int8_path, x)
     assert round(100.0 * float(np.mean(got == fp32_top1)), 3) == check["agreement"]
 
 
 def test_the_openvino_gate_refuses_on_its_own_and_skips_without_openvino(
-    int8_bundle: Bundle, monkeypatch: pytest.MonkeyPatch
+    int8_bundle: Bundle, held_out_images: HeldOut, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     assert int8_bundle.onnx_int8_path is not None
-    _, x, fp32_top1 = held_out(int8_bundle)
+    _, x, fp32_top1 = held_out_images
     labels = fp32_top1  # any labels: the gate compares the two graphs' answers
     holdout = quantize.Images(x, labels, "held out")
     refused = quantize.openvino_gate(
@@ -286,17 +288,21 @@ def int8_server(int8_bundle: Bundle, tmp_path_factory: pytest.TempPathFactory) -
     stop_server(server)
 
 
-def held_out(bundle: Bundle) -> tuple[list[bytes], np.ndarray, np.ndarray]:
-    """The held-out images the gate was checked on: as PNG uploads, preprocessed as the
-    service does, and their fp32 top-1."""
+HeldOut = tuple[list[bytes], np.ndarray, np.ndarray]
+"""The held-out images as PNG uploads, preprocessed as the service does, their fp32 top-1."""
+
+
+@pytest.fixture(scope="module")
+def held_out_images(int8_bundle: Bundle) -> HeldOut:
+    """The held-out images the gate was checked on (made, decoded and classified once)."""
     from lantern.core.images import decode_image
     from models.data import ShapesDataset
 
-    training: dict[str, Any] = bundle.meta["training"]
+    training: dict[str, Any] = int8_bundle.meta["training"]
     val = ShapesDataset(int(training["val_images"]), size=SIZE, seed=int(training["seed"]) + 10_000)
     uploads = [encode(val[i][0], "PNG") for i in range(len(val))]
-    x = bundle.preprocess.apply_batch([decode_image(d, max_pixels=10**8) for d in uploads])
-    return uploads, x, quantize.top1(bundle.onnx_path, x)
+    x = int8_bundle.preprocess.apply_batch([decode_image(d, max_pixels=10**8) for d in uploads])
+    return uploads, x, quantize.top1(int8_bundle.onnx_path, x)
 
 
 def predicted_classes(client: httpx.Client, uploads: list[bytes], precision: str) -> np.ndarray:
@@ -316,9 +322,9 @@ def predicted_classes(client: httpx.Client, uploads: list[bytes], precision: str
 
 @pytest.mark.integration
 def test_predict_reports_int8_and_agrees_with_fp32_as_the_gate_promises(
-    int8_server: Server, int8_bundle: Bundle
+    int8_server: Server, int8_bundle: Bundle, held_out_images: HeldOut
 ) -> None:
-    uploads, _, fp32_top1 = held_out(int8_bundle)
+    uploads, _, fp32_top1 = held_out_images
     with httpx.Client(base_url=int8_server.url, timeout=60) as client:
         r = client.post("/predict", files={"image": ("0.png", uploads[0], "image/png")})
         assert r.status_code == 200, r.text
@@ -347,11 +353,11 @@ def int8_openvino_server(
 
 @pytest.mark.integration
 def test_openvino_serves_the_same_int8_graph_and_agrees_as_the_gate_promises(
-    int8_openvino_server: Server, int8_bundle: Bundle
+    int8_openvino_server: Server, int8_bundle: Bundle, held_out_images: HeldOut
 ) -> None:
     """The gate was checked with ONNX Runtime; OpenVINO's INT8 kernels round differently,
     so its answers are held to the same promise against fp32, and to ONNX Runtime's INT8."""
-    uploads, x, fp32_top1 = held_out(int8_bundle)
+    uploads, x, fp32_top1 = held_out_images
     assert int8_bundle.onnx_int8_path is not None
     ort_int8_top1 = quantize.top1(int8_bundle.onnx_int8_path, x)
     with httpx.Client(base_url=int8_openvino_server.url, timeout=60) as client:
