@@ -40,7 +40,10 @@ class Session(Protocol):
     OpenVINOModel that answers the same calls. Both take concurrent `run` calls."""
 
     def run(
-        self, output_names: list[str] | None, input_feed: dict[str, np.ndarray]
+        self,
+        output_names: list[str] | None,
+        input_feed: dict[str, np.ndarray],
+        run_options: Any = None,
     ) -> list[Any]: ...
 
     def get_inputs(self) -> Sequence[Any]: ...
@@ -231,10 +234,13 @@ def session_options(threads: int = 0) -> ort.SessionOptions:
     # same cores, but measured on 2 cores (BENCHMARKS.md) spinning still wins: ~5% faster
     # raw, and lower service latency at every concurrency than with spinning off.
     options.add_session_config_entry("session.intra_op.allow_spinning", "1")
-    # No CPU memory arena: ONNX Runtime's arena only ever grows, to the largest set of
-    # activations the batch sizes seen so far needed; without it tensors are malloc'ed and
-    # freed per run (BENCHMARKS.md, "Memory": same throughput, flat RSS).
-    options.enable_cpu_mem_arena = False
+    # The CPU memory arena on: activations reuse the arena's memory run after run instead
+    # of fresh mappings the kernel page-faults in each time (the server's fixed mmap
+    # threshold makes every block of 1 MiB or more one); 10-15 % faster on 2 cores
+    # (BENCHMARKS.md "ONNX Runtime's memory arena"). The service's runs shrink it every
+    # couple of seconds (service.memory.ArenaShrinker), so it does not keep the largest
+    # batch's activations for good.
+    options.enable_cpu_mem_arena = True
     return options
 
 
@@ -246,10 +252,12 @@ def model_streams(setting: int, provider: str) -> int:
     return setting if setting > 0 else usable_cpus()
 
 
-def run(session: Session, batch: np.ndarray) -> np.ndarray:
-    """Logits (N, classes) for a float32 batch (N, 3, H, W)."""
+def run(session: Session, batch: np.ndarray, run_options: Any = None) -> np.ndarray:
+    """Logits (N, classes) for a float32 batch (N, 3, H, W). `run_options`: ONNX
+    Runtime's RunOptions for this run (service.memory.ArenaShrinker's), or None."""
     name = session.get_inputs()[0].name
-    logits = session.run(None, {name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+    feed = {name: np.ascontiguousarray(batch, dtype=np.float32)}
+    logits = session.run(None, feed, run_options)[0]
     return np.asarray(logits, dtype=np.float32)
 
 

@@ -19,8 +19,15 @@ Two things made the RSS of the model worker grow with every request:
    `MALLOC_MMAP_THRESHOLD_=1 MiB` (`lantern.commands.serve.MALLOC_ENV`); decoding runs
    in at most `decode_threads()` threads at once (more than the cores only hold more
    decoded images in memory); `MallocTrimmer` hands freed heap pages back every couple
-   of seconds; and ONNX Runtime runs without its CPU arena (service/classifier.py),
-   which only ever grows to the largest batch seen.
+   of seconds.
+
+ONNX Runtime's activations do not go through malloc per run: with the fixed mmap
+threshold, every tensor of 1 MiB or more would be a fresh mapping, page-faulted in and
+zeroed by the kernel on every run (1,100-2,000 faults per INT8 ResNet-50 image, 4-9 ms
+of system CPU; 10-15 % of the model's throughput, BENCHMARKS.md "ONNX Runtime's memory
+arena"). ONNX Runtime keeps its CPU arena, which reuses the same memory run after run,
+and `ArenaShrinker` asks it every couple of seconds to hand back the regions no run is
+using, so the arena does not stay at the size of the biggest batch it ever saw.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import ctypes.util
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger("lantern.service.memory")
@@ -96,6 +104,27 @@ def decode_threads() -> int:
     return 2 * usable_cpus()
 
 
+class AtMostEvery:
+    """`due()` is True at most once per `interval_s` (the interval starts at creation),
+    and to one caller at a time when threads ask together."""
+
+    def __init__(self, interval_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval_s = interval_s
+        self._clock = clock
+        self._last = clock()
+        self._lock = threading.Lock()
+
+    def due(self) -> bool:
+        if self._clock() - self._last < self.interval_s:
+            return False  # the common case, without the lock
+        with self._lock:
+            now = self._clock()
+            if now - self._last < self.interval_s:
+                return False  # another thread took this interval
+            self._last = now
+            return True
+
+
 class MallocTrimmer:
     """Hands memory that glibc keeps free inside its arenas back to the OS, now and then.
 
@@ -105,9 +134,7 @@ class MallocTrimmer:
     """
 
     def __init__(self, interval_s: float = 2.0) -> None:
-        self.interval_s = interval_s
-        self._last = time.monotonic()
-        self._lock = threading.Lock()
+        self.every = AtMostEvery(interval_s)
         self._trim: Any = None
         try:
             libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -119,14 +146,37 @@ class MallocTrimmer:
 
     def maybe_trim(self) -> bool:
         """Trim if the interval has passed since the last trim; True if it trimmed."""
-        if self._trim is None:
+        if self._trim is None or not self.every.due():
             return False
-        now = time.monotonic()
-        if now - self._last < self.interval_s or not self._lock.acquire(blocking=False):
-            return False
-        try:
-            self._last = now
-            self._trim(0)
-            return True
-        finally:
-            self._lock.release()
+        self._trim(0)
+        return True
+
+
+# ONNX Runtime's RunOptions key: at the end of the run, free the arena's regions of the
+# listed devices that no run is using (onnxruntime_run_options_config_keys.h).
+ARENA_SHRINKAGE = "memory.enable_memory_arena_shrinkage"
+
+
+class ArenaShrinker:
+    """ONNX Runtime run options that shrink a session's CPU arena, at most once per
+    `interval_s`: `run_options()` before each run, passed to `session.run`.
+
+    Shrinking every run would hand the memory back only to page-fault it in again on the
+    next run, which is what the arena is there to avoid; never shrinking would keep the
+    activations of the biggest batches ever run for the life of the process. One shrinker
+    per session (each has its own arena). The session must have its CPU arena enabled
+    (service.classifier.session_options): ONNX Runtime refuses the run otherwise.
+    """
+
+    def __init__(
+        self, interval_s: float = 2.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        import onnxruntime as ort
+
+        self.every = AtMostEvery(interval_s, clock)
+        self._shrink = ort.RunOptions()
+        self._shrink.add_run_config_entry(ARENA_SHRINKAGE, "cpu:0")
+
+    def run_options(self) -> Any:
+        """The shrinking RunOptions when the interval has passed, else None (the default)."""
+        return self._shrink if self.every.due() else None

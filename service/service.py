@@ -36,7 +36,12 @@ from service.batcher import MicroBatcher
 from service.error_bodies import ErrorBodies
 from service.explanations import Explanations
 from service.gateway import ApiKeyMiddleware, RequestIdMiddleware, install_templated_metrics
-from service.memory import MallocTrimmer, decode_threads, patch_timeout_middleware
+from service.memory import (
+    ArenaShrinker,
+    MallocTrimmer,
+    decode_threads,
+    patch_timeout_middleware,
+)
 from service.metrics import record_batch, record_model_info
 from service.openapi import OpenAPIDocument
 from service.status_api import ExplainProbe
@@ -122,6 +127,10 @@ class Lantern:
             if self.streams > 1
             else None
         )
+        # Each ONNX Runtime session's CPU arena shrinks now and then (service.memory).
+        on_ort = self.runtime == classifier.ONNXRUNTIME
+        self.shrinker = ArenaShrinker() if on_ort else None
+        self.stream_shrinker = ArenaShrinker() if on_ort and self.stream_session else None
         size = self.spec.crop_size
         warm_up = np.zeros((1, 3, size, size), np.float32)
         self.probabilities(warm_up)
@@ -231,15 +240,18 @@ class Lantern:
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         """Class probabilities (N, classes) for preprocessed images (N, 3, H, W), on the
         session that uses every core."""
-        return self._probabilities(self.session, batch)
+        return self._probabilities(self.session, self.shrinker, batch)
 
     def stream_probabilities(self, batch: np.ndarray) -> np.ndarray:
         """The same, on the single-threaded session that the model streams share."""
         assert self.stream_session is not None
-        return self._probabilities(self.stream_session, batch)
+        return self._probabilities(self.stream_session, self.stream_shrinker, batch)
 
-    def _probabilities(self, session: Any, batch: np.ndarray) -> np.ndarray:
-        probabilities = classifier.softmax(classifier.run(session, batch))
+    def _probabilities(
+        self, session: Any, shrinker: ArenaShrinker | None, batch: np.ndarray
+    ) -> np.ndarray:
+        run_options = shrinker.run_options() if shrinker is not None else None
+        probabilities = classifier.softmax(classifier.run(session, batch, run_options))
         self.trimmer.maybe_trim()  # between batches: hand freed heap memory back to the OS
         return probabilities
 

@@ -117,10 +117,16 @@ class OpenVINOModel:
         return [PROVIDER]
 
     def run(
-        self, output_names: list[str] | None, input_feed: dict[str, np.ndarray]
+        self,
+        output_names: list[str] | None,
+        input_feed: dict[str, np.ndarray],
+        run_options: object = None,
     ) -> list[np.ndarray]:
         """The outputs (all of them, in graph order; `output_names` must be None) for
-        `input_feed`, input name -> array, as ONNX Runtime's `run` returns them."""
+        `input_feed`, input name -> array, as ONNX Runtime's `run` returns them.
+        `run_options` must be None: ONNX Runtime's RunOptions mean nothing to OpenVINO."""
+        if run_options is not None:
+            raise ValueError("OpenVINOModel.run takes no ONNX Runtime run options")
         if output_names is not None:
             raise ValueError("OpenVINOModel.run returns every output: pass None")
         try:
