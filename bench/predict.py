@@ -7,10 +7,11 @@ so the user's model store is never touched, with an INT8 graph quantised the way
 export` does it (models.quantize; calibrated on generated pictures, and registered without
 the agreement gate: random weights make agreement meaningless, and speed does not depend on
 the weights' values); measures ONNX Runtime fp32 and INT8 and torch-eager throughput at
-batch 1, 8 and 32; starts `lantern serve` on a free loopback port, once with
-LANTERN_PRECISION=fp32 and once with int8, and measures POST /predict throughput and
-p50/p99 latency at concurrency 1, 8 and 32 with closed-loop clients; prints one table with
-the INT8/fp32 ratios of the same run. Takes about 5 minutes on 2 CPU cores.
+batch 1, 8 and 32; starts `lantern serve` on a free loopback port with
+LANTERN_PRECISION=fp32 or int8, and measures POST /predict throughput and p50/p99 latency
+at concurrency 1, 8 and 32 with closed-loop clients, one server for each run, fp32 and
+INT8 taking turns in an order that alternates from one concurrency to the next; prints one
+table with the INT8/fp32 ratios of the same run. Takes about 10 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -359,9 +360,26 @@ def _cpu_seconds(processes: list[psutil.Process]) -> float:
     return total
 
 
+def bench_services(
+    tag: str, requests: dict[int, int], tmp: Path, precisions: tuple[str, ...]
+) -> dict[str, list[LoadResult]]:
+    """Each precision's `lantern serve` at each concurrency, the precisions taking turns in
+    an order that alternates from one concurrency to the next (a slow minute on a shared
+    machine falls on all of them, not on the one whose turn it was). One server runs at a
+    time, started and warmed up for its turn: two resident at once share the cores and the
+    model store's metrics directory, and the idle one is not idle enough."""
+    results: dict[str, list[LoadResult]] = {p: [] for p in precisions}
+    for i, c in enumerate(CONCURRENCY):
+        for precision in precisions if i % 2 == 0 else precisions[::-1]:
+            log_path = serve_log(tmp, precision)
+            results[precision].append(bench_service(tag, c, requests[c], log_path, precision))
+    return results
+
+
 def bench_service(
-    tag: str, requests: dict[int, int], log_path: Path, precision: str
-) -> list[LoadResult]:
+    tag: str, concurrency: int, requests: int, log_path: Path, precision: str
+) -> LoadResult:
+    """One closed-loop run at `concurrency` on a `lantern serve` started for it."""
     port = free_port()
     proc = start_server(tag, port, log_path, precision)
     url = f"http://127.0.0.1:{port}"
@@ -370,16 +388,17 @@ def bench_service(
         # Warm-up: the first requests pay for thread pools, allocator growth and
         # ONNX Runtime's first batched shapes.
         asyncio.run(load(url, images, 4, 32, precision))
-        return [
-            asyncio.run(load(url, images, c, requests[c], precision, server_pid=proc.pid))
-            for c in CONCURRENCY
-        ]
+        return asyncio.run(load(url, images, concurrency, requests, precision, proc.pid))
     finally:
         proc.terminate()
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def serve_log(tmp: Path, precision: str) -> Path:
+    return tmp / f"serve-{precision}.log"
 
 
 def machine() -> str:
@@ -528,11 +547,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     print("torch eager ...", flush=True)
     torch_rates = bench_torch(tag, budget)
-    print("service (lantern serve), fp32 ...", flush=True)
-    service = bench_service(tag, requests, tmp / "serve.log", "fp32")
-    provider = _served_provider(tmp / "serve.log")
-    print("service (lantern serve), INT8 ...", flush=True)
-    int8_service = bench_service(tag, requests, tmp / "serve-int8.log", "int8")
+    print("service (lantern serve), fp32 and INT8, alternating ...", flush=True)
+    services = bench_services(tag, requests, tmp, ("fp32", "int8"))
+    service, int8_service = services["fp32"], services["int8"]
+    provider = _served_provider(serve_log(tmp, "fp32"))
     print()
     print(
         render(

@@ -5,7 +5,8 @@
 
 Both trees are served by this venv's `lantern serve` (each from its own working directory,
 so its own code), with the same registered ResNet-50 (random weights, fp32, 224 px), the
-same JPEGs and closed-loop clients at concurrency 8. Rounds alternate the order so that a
+same JPEGs and closed-loop clients at concurrency 8 (`--precision int8`: the same
+model's INT8 graph, quantised as bench.predict does it). Rounds alternate the order so that a
 machine getting busier or quieter does not favour one side. Prints images/s per round.
 """
 
@@ -30,11 +31,11 @@ from bench.predict import (
 )
 
 
-def serve(tree: Path, tag: str, port: int, log: Path) -> subprocess.Popen[bytes]:
+def serve(tree: Path, tag: str, port: int, log: Path, precision: str) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
         "LANTERN_MODEL": tag,
-        "LANTERN_PRECISION": "fp32",
+        "LANTERN_PRECISION": precision,
         "LANTERN_MAX_LATENCY_MS": "20000",
         "BENTOML_DO_NOT_TRACK": "true",
     }
@@ -48,17 +49,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--requests", type=int, default=240)
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--precision", choices=("fp32", "int8"), default="fp32")
     args = parser.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="lantern-bench-ab-"))
     os.environ["BENTOML_HOME"] = str(tmp / "home")
-    tag = register_model(tmp)
+    tag = register_model(tmp)  # the version with the INT8 graph too
     images = make_jpegs(32)
     trees = {"a": args.a.resolve(), "b": args.b.resolve()}
     results: dict[str, list[float]] = {"a": [], "b": []}
     for round_ in range(args.rounds):
         for side in ("a", "b") if round_ % 2 == 0 else ("b", "a"):
             port = free_port()
-            proc = serve(trees[side], tag, port, tmp / f"{side}-{round_}.log")
+            proc = serve(trees[side], tag, port, tmp / f"{side}-{round_}.log", args.precision)
             try:
                 url = f"http://127.0.0.1:{port}"
                 asyncio.run(load(url, images, args.concurrency, 3 * args.concurrency))  # warm
@@ -68,7 +70,10 @@ def main(argv: list[str] | None = None) -> int:
                 proc.wait(timeout=60)
             results[side].append(result.throughput)
             print(f"round {round_ + 1} {side} ({trees[side]}): {result.throughput:.1f} images/s")
-    print(f"{ARCH} {IMAGE_SIZE} px fp32, concurrency {args.concurrency}, images/s per round:")
+    print(
+        f"{ARCH} {IMAGE_SIZE} px {args.precision}, concurrency {args.concurrency}, "
+        "images/s per round:"
+    )
     for side, values in results.items():
         print(f"  {side} {trees[side]}: " + ", ".join(f"{v:.1f}" for v in values))
     return 0

@@ -12,7 +12,7 @@ preprocessing (bench/torchserve_handler.py) into a model archive; starts TorchSe
 loopback with its own batching (batch_size, max_batch_delay) and workers sized for the
 cores, checks that it answers the same top-1 class as Lantern's fp32 graph for the
 benchmark's JPEGs; then POSTs the same 320x240 JPEGs at concurrency 1, 8 and 32 to
-`lantern serve` (LANTERN_PRECISION=fp32, then int8: bench.predict.bench_service) and to
+`lantern serve` (LANTERN_PRECISION=fp32 and int8: bench.predict.bench_services) and to
 TorchServe, with the same closed-loop clients, and prints throughput, p50/p99 and the
 ratios Lantern / TorchServe of this one run. TorchServe's model store, config, logs and pid
 file live in a temporary directory; it is stopped with `torchserve --stop` at the end and
@@ -389,10 +389,9 @@ def main(argv: list[str] | None = None) -> int:
         fp32: list[Any] = []
         int8: list[Any] = []
         if not args.skip_lantern:
-            print("Lantern (lantern serve), fp32 ...", flush=True)
-            fp32 = predict.bench_service(tag, requests, work / "serve.log", "fp32")
-            print("Lantern (lantern serve), INT8 ...", flush=True)
-            int8 = predict.bench_service(tag, requests, work / "serve-int8.log", "int8")
+            print("Lantern (lantern serve), fp32 and INT8, alternating ...", flush=True)
+            lantern = predict.bench_services(tag, requests, work, ("fp32", "int8"))
+            fp32, int8 = lantern["fp32"], lantern["int8"]
         print("TorchServe ...", flush=True)
         server = TorchServe(home, settings)
         try:
