@@ -1,0 +1,103 @@
+"""Where a serving worker's CPU goes under load: thread by thread, kernel time, page faults.
+
+    .venv/bin/python -m bench.server_cpu                      # INT8, concurrency 32
+    .venv/bin/python -m bench.server_cpu --precision fp32 --env MALLOC_MMAP_THRESHOLD_=33554432
+
+Registers the benchmark's ResNet-50 (bench.predict: random weights, an INT8 graph) in a
+temporary model store, starts `lantern serve`, warms it up, then sends `--requests`
+closed-loop POST /predict at `--concurrency` (bench.loadgen) and prints, per image: the
+CPU of the server's event-loop thread (the process's main thread) and of each other
+thread, the kernel's share of it (system CPU), the minor page faults, and the largest
+RSS of the server's processes at the end. `--env NAME=VALUE` (repeatable) sets a variable
+for the server only, to compare allocator settings. Sampling profilers (py-spy) count a
+thread that is page-faulting as running its Python frame, so faults and system time only
+show up here. This is how the page faults of ONNX Runtime without its memory arena were
+found (BENCHMARKS.md "ONNX Runtime's memory arena"); not part of `make bench`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+from bench.predict import _HOME, free_port, launch_server, load, make_jpegs, register_model
+
+
+def main(argv: list[str] | None = None) -> int:
+    import psutil
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--precision", choices=("fp32", "int8"), default="int8")
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--requests", type=int, default=400)
+    p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
+    args = p.parse_args(argv)
+    extra = dict(item.split("=", 1) for item in args.env)
+
+    tmp = _HOME / "work"
+    tmp.mkdir(parents=True, exist_ok=True)
+    print("registering the benchmark's ResNet-50 in a temporary model store ...", flush=True)
+    tag = register_model(tmp)
+    env = {
+        **os.environ,
+        **extra,
+        "LANTERN_MODEL": tag,
+        "LANTERN_PRECISION": args.precision,
+        "LANTERN_MAX_LATENCY_MS": "20000",
+    }
+    port = free_port()
+    proc = launch_server(port, tmp / "serve.log", env, ready_timeout_s=180)
+    url = f"http://127.0.0.1:{port}"
+    images = make_jpegs(16)
+
+    def processes() -> list[psutil.Process]:
+        root = psutil.Process(proc.pid)
+        return [root, *root.children(recursive=True)]
+
+    def snapshot() -> tuple[dict[tuple[int, int], float], float, int]:
+        """(CPU seconds per (pid, thread id), system CPU seconds, minor faults)."""
+        cpu: dict[tuple[int, int], float] = {}
+        system, faults = 0.0, 0
+        for process in processes():
+            for thread in process.threads():
+                cpu[(process.pid, thread.id)] = thread.user_time + thread.system_time
+                system += thread.system_time
+            # /proc/<pid>/stat field 10, minflt; the command name may hold spaces.
+            stat = Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            faults += int(stat[7])
+        return cpu, system, faults
+
+    try:
+        asyncio.run(load(url, images, 4, 32, args.precision))  # warm-up
+        cpu0, system0, faults0 = snapshot()
+        result = asyncio.run(load(url, images, args.concurrency, args.requests, args.precision))
+        cpu1, system1, faults1 = snapshot()
+        rss = max(process.memory_info().rss for process in processes()) / 2**20
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+    n = args.requests
+    threads = sorted(((cpu1[k] - cpu0.get(k, 0.0), k) for k in cpu1), reverse=True)
+    total = sum(seconds for seconds, _ in threads)
+    print(
+        f"{args.precision}, concurrency {args.concurrency}, {n} requests, env {extra or '{}'}: "
+        f"{result.throughput:.1f} images/s, mean model batch {result.mean_batch or 0:.1f}"
+    )
+    print(f"  server CPU per image        {total * 1000 / n:7.2f} ms")
+    print(f"    of which system (kernel)  {(system1 - system0) * 1000 / n:7.2f} ms")
+    print(f"  minor page faults per image {(faults1 - faults0) / n:7.0f}")
+    print(f"  largest RSS at the end      {rss:7.0f} MiB")
+    print("  threads, CPU per image (the event loop is the main thread):")
+    for seconds, (pid, tid) in threads:
+        if seconds * 1000 / n >= 0.1:
+            name = "event loop" if pid == tid else f"thread {tid}"
+            print(f"    pid {pid} {name:<14} {seconds * 1000 / n:7.2f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
