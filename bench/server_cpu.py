@@ -23,12 +23,18 @@ import os
 import sys
 from pathlib import Path
 
-from bench.predict import _HOME, free_port, launch_server, load, make_jpegs, register_model
+from bench.predict import (
+    _HOME,
+    _process_tree,
+    free_port,
+    launch_server,
+    load,
+    make_jpegs,
+    register_model,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
-    import psutil
-
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--precision", choices=("fp32", "int8"), default="int8")
     p.add_argument("--concurrency", type=int, default=32)
@@ -53,15 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     url = f"http://127.0.0.1:{port}"
     images = make_jpegs(16)
 
-    def processes() -> list[psutil.Process]:
-        root = psutil.Process(proc.pid)
-        return [root, *root.children(recursive=True)]
-
     def snapshot() -> tuple[dict[tuple[int, int], float], float, int]:
         """(CPU seconds per (pid, thread id), system CPU seconds, minor faults)."""
         cpu: dict[tuple[int, int], float] = {}
         system, faults = 0.0, 0
-        for process in processes():
+        for process in _process_tree(proc.pid):
             for thread in process.threads():
                 cpu[(process.pid, thread.id)] = thread.user_time + thread.system_time
                 system += thread.system_time
@@ -75,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         cpu0, system0, faults0 = snapshot()
         result = asyncio.run(load(url, images, args.concurrency, args.requests, args.precision))
         cpu1, system1, faults1 = snapshot()
-        rss = max(process.memory_info().rss for process in processes()) / 2**20
+        rss = max(process.memory_info().rss for process in _process_tree(proc.pid)) / 2**20
     finally:
         proc.terminate()
         proc.wait(timeout=30)
