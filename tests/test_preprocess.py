@@ -48,6 +48,26 @@ def test_batch_is_the_stack_of_single_images() -> None:
     assert torch.from_numpy(batch).is_contiguous()
 
 
+def test_preprocessing_in_place_is_bit_identical_to_converting_then_normalising() -> None:
+    # apply() divides the 8-bit pixels into float32 straight into its output row; that
+    # must be the float32 operations of converting first and normalising after.
+    spec = PreprocessSpec(crop_size=48, resize_size=56)
+    images = [_random_image(70 + i, 90 - i, seed=i) for i in range(4)]
+    batch = spec.apply_batch(images)
+    for image, row in zip(images, batch, strict=True):
+        w, h = image.size
+        resized = image.resize(spec.resized_size(w, h), Image.Resampling.BILINEAR)
+        left, top = round((resized.width - 48) / 2.0), round((resized.height - 48) / 2.0)
+        pixels = np.asarray(resized.crop((left, top, left + 48, top + 48)))
+        reference = pixels.transpose(2, 0, 1).astype(np.float32) / np.float32(255.0)
+        reference = (reference - np.asarray(spec.mean, np.float32)[:, None, None]) / np.asarray(
+            spec.std, np.float32
+        )[:, None, None]
+        assert reference.dtype == np.float32
+        assert np.array_equal(row, reference)
+    assert spec.apply_batch([]).shape == (0, 3, 48, 48)
+
+
 def test_crop_box_is_the_region_the_model_sees() -> None:
     spec = PreprocessSpec(crop_size=224, resize_size=256)
     # 512x256 landscape: resized to 512x256 -> crop 224 at (144, 16) -> x2 back to original

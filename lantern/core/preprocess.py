@@ -71,30 +71,34 @@ class PreprocessSpec:
         return (left * sx, top * sy, (left + self.crop_size) * sx, (top + self.crop_size) * sy)
 
     # --- the transform itself ---------------------------------------------------------
-    def apply(self, image: Image.Image) -> np.ndarray:
-        """An RGB PIL image -> float32 array of shape (3, crop_size, crop_size)."""
+    def apply(self, image: Image.Image, out: np.ndarray | None = None) -> np.ndarray:
+        """An RGB PIL image -> float32 array of shape (3, crop_size, crop_size), written
+        into `out` when given (a C-contiguous float32 array of that shape)."""
         if image.mode != "RGB":
             raise ValueError(f"expected an RGB image, got mode {image.mode}")
         w, h = image.size
         resized = image.resize(self.resized_size(w, h), Image.Resampling.BILINEAR)
         left, top = _crop_offsets(resized.width, resized.height, self.crop_size)
         cropped = resized.crop((left, top, left + self.crop_size, top + self.crop_size))
+        if out is None:
+            out = np.empty((3, self.crop_size, self.crop_size), dtype=np.float32)
         # Laid out as CHW while still 8-bit, then the float arithmetic in place over
         # contiguous planes: a quarter of the CPU of normalising HWC and transposing the
         # floats (0.14 vs 0.59 ms at 224 px), and the same float32 operations, so the same
-        # values bit for bit.
-        x = np.ascontiguousarray(np.asarray(cropped).transpose(2, 0, 1)).astype(np.float32)
-        x /= np.float32(255.0)
-        x -= np.asarray(self.mean, dtype=np.float32)[:, None, None]
-        x /= np.asarray(self.std, dtype=np.float32)[:, None, None]
-        return x
+        # values bit for bit. The division by 255 converts to float32 straight into `out`.
+        chw = np.ascontiguousarray(np.asarray(cropped).transpose(2, 0, 1))
+        np.divide(chw, np.float32(255.0), out=out, dtype=np.float32)
+        out -= np.asarray(self.mean, dtype=np.float32)[:, None, None]
+        out /= np.asarray(self.std, dtype=np.float32)[:, None, None]
+        return out
 
     def apply_batch(self, images: list[Image.Image]) -> np.ndarray:
-        return (
-            np.stack([self.apply(im) for im in images])
-            if images
-            else np.zeros((0, 3, self.crop_size, self.crop_size), dtype=np.float32)
-        )
+        """RGB PIL images -> float32 array (N, 3, crop_size, crop_size), each image
+        preprocessed straight into its row (no per-image array to copy)."""
+        batch = np.empty((len(images), 3, self.crop_size, self.crop_size), dtype=np.float32)
+        for image, row in zip(images, batch, strict=True):
+            self.apply(image, out=row)
+        return batch
 
 
 def _crop_offsets(width: int, height: int, crop: int) -> tuple[int, int]:
