@@ -93,6 +93,46 @@ def test_batches_respect_the_size_limit_and_big_requests_are_split() -> None:
     assert sorted(v for batch in model.batches for v in batch) == list(range(10))
 
 
+def test_batches_of_several_requests_reuse_one_input_buffer_per_stream() -> None:
+    # A fresh concatenated batch per run is a fresh mapping of 1 MiB or more under the
+    # server's malloc settings, page-faulted in on every run (service.batcher._BatchBuffer).
+    model = Model()
+    addresses: list[int] = []
+    kept: list[np.ndarray] = []  # alive, so a fresh batch could not reuse a freed one's memory
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        addresses.append(batch.__array_interface__["data"][0])
+        kept.append(batch)
+        return model(batch)
+
+    async def main() -> list[list[np.ndarray]]:
+        b = MicroBatcher(run, max_batch_size=8, max_queue_wait_s=5)
+        answers = []
+        for round_ in range(4):
+            model.release.clear()
+            first = asyncio.ensure_future(b.submit(rows(-1)))  # runs alone, holds the model
+            await asyncio.sleep(0.05)
+            sizes = [1 + (round_ + i) % 3 for i in range(3)]  # 3 requests, 3 to 6 rows
+            rest = [
+                asyncio.ensure_future(b.submit(rows(*[10 * round_ + i] * n)))
+                for i, n in enumerate(sizes)
+            ]
+            await asyncio.sleep(0.05)
+            model.release.set()
+            await first
+            answers.append(await asyncio.gather(*rest))
+        await b.aclose()
+        return answers
+
+    answers = asyncio.run(main())
+    for round_, out in enumerate(answers):
+        for i, rows_out in enumerate(out):  # each caller's own rows, not a later batch's
+            assert rows_out[:, 0].tolist() == [2.0 * (10 * round_ + i)] * len(rows_out)
+    assert [len(batch) for batch in model.batches[1::2]] == [6, 6, 6, 6]
+    shared = addresses[1::2]  # the batches of three requests
+    assert len(set(shared)) == 1, shared
+
+
 def test_a_failed_batch_fails_its_requests_only_and_the_batcher_keeps_going() -> None:
     model = Model()
     model.fail_on = 7.0
