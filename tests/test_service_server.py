@@ -1,10 +1,11 @@
 """Against a real `lantern serve` (BentoML, one service worker) on a loopback port: answers equal
-a direct ONNX Runtime run, concurrent requests are batched, bad input gets a JSON 4xx, and no
-process of the server ever loads torch."""
+a direct ONNX Runtime run, concurrent requests are batched, bad input gets a JSON 4xx, every
+process of the server runs with its malloc settings, and none ever loads torch."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -177,6 +178,21 @@ def test_no_process_of_the_server_loads_torch(lantern_server: Server) -> None:
     for pid, text in maps.items():
         loaded = {line.split()[-1] for line in text.splitlines() if "torch" in line.lower()}
         assert not loaded, f"process {pid} mapped torch: {sorted(loaded)[:3]}"
+
+
+def test_every_process_of_the_server_runs_with_the_malloc_settings(lantern_server: Server) -> None:
+    # glibc reads them once, at the start of a process: they must be in the environment
+    # `lantern serve` execs the server with, and reach the worker it forks.
+    from lantern.commands.serve import MALLOC_ENV
+
+    root = psutil.Process(lantern_server.process.pid)
+    processes = [root, *root.children(recursive=True)]
+    assert len(processes) >= 2  # the arbiter and the service worker
+    for process in processes:
+        raw = Path(f"/proc/{process.pid}/environ").read_bytes().split(b"\0")
+        environ = dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+        for name, value in MALLOC_ENV.items():
+            assert environ.get(name) == os.environ.get(name, value), (process.pid, name)
 
 
 def test_probes_metrics_and_docs(lantern_server: Server, tiny_bundle) -> None:  # type: ignore[no-untyped-def]
