@@ -20,7 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--fp16",
         action="store_true",
-        help="also write an fp16 graph (experimental: nothing loads it yet)",
+        help="also write an fp16 graph, for GPUs: the service runs it on CUDA when "
+        "LANTERN_PRECISION is auto or fp16 (not yet measured on a GPU: BENCHMARKS.md)",
     )
     p.add_argument(
         "--int8",
