@@ -7,7 +7,9 @@ Both trees are served by this venv's `lantern serve` (each from its own working 
 so its own code), with the same registered ResNet-50 (random weights, fp32, 224 px), the
 same JPEGs and closed-loop clients at concurrency 8 (`--precision int8`: the same
 model's INT8 graph, quantised as bench.predict does it). Rounds alternate the order so that a
-machine getting busier or quieter does not favour one side. Prints images/s per round.
+machine getting busier or quieter does not favour one side. Prints, per round and as
+medians: images/s, the server's CPU per image (all its threads; bench.server_cpu) and its
+minor page faults per image.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,6 +32,7 @@ from bench.predict import (
     make_jpegs,
     register_model,
 )
+from bench.server_cpu import snapshot
 
 
 def serve(tree: Path, tag: str, port: int, log: Path, precision: str) -> subprocess.Popen[bytes]:
@@ -56,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     tag = register_model(tmp)  # the version with the INT8 graph too
     images = make_jpegs(32)
     trees = {"a": args.a.resolve(), "b": args.b.resolve()}
-    results: dict[str, list[float]] = {"a": [], "b": []}
+    results: dict[str, list[tuple[float, float, float]]] = {"a": [], "b": []}
     for round_ in range(args.rounds):
         for side in ("a", "b") if round_ % 2 == 0 else ("b", "a"):
             port = free_port()
@@ -64,18 +68,31 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 url = f"http://127.0.0.1:{port}"
                 asyncio.run(load(url, images, args.concurrency, 3 * args.concurrency))  # warm
+                threads0, _, faults0 = snapshot(proc.pid)
                 result = asyncio.run(load(url, images, args.concurrency, args.requests))
+                threads1, _, faults1 = snapshot(proc.pid)
             finally:
                 proc.terminate()
                 proc.wait(timeout=60)
-            results[side].append(result.throughput)
-            print(f"round {round_ + 1} {side} ({trees[side]}): {result.throughput:.1f} images/s")
+            # The server's CPU per image (every thread of its processes) is steadier than
+            # images/s on a shared machine: it does not count the time the server waited.
+            cpu = sum(t - threads0.get(k, (0.0, 0))[0] for k, (t, _) in threads1.items())
+            cpu_ms = cpu * 1000 / args.requests
+            faults = (faults1 - faults0) / args.requests
+            results[side].append((result.throughput, cpu_ms, faults))
+            print(
+                f"round {round_ + 1} {side} ({trees[side]}): {result.throughput:.1f} images/s, "
+                f"server CPU {cpu_ms:.1f} ms and {faults:.0f} page faults per image"
+            )
     print(
-        f"{ARCH} {IMAGE_SIZE} px {args.precision}, concurrency {args.concurrency}, "
-        "images/s per round:"
+        f"{ARCH} {IMAGE_SIZE} px {args.precision}, concurrency {args.concurrency}, per round: "
+        "images/s; server CPU ms per image; minor page faults per image"
     )
     for side, values in results.items():
-        print(f"  {side} {trees[side]}: " + ", ".join(f"{v:.1f}" for v in values))
+        for column, unit in enumerate(("images/s", "CPU ms/image", "faults/image")):
+            figures = ", ".join(f"{v[column]:.1f}" for v in values)
+            median = statistics.median(v[column] for v in values)
+            print(f"  {side} {trees[side]} {unit:>12}: {figures} (median {median:.1f})")
     return 0
 
 

@@ -59,32 +59,25 @@ def main(argv: list[str] | None = None) -> int:
     url = f"http://127.0.0.1:{port}"
     images = make_jpegs(16)
 
-    def snapshot() -> tuple[dict[tuple[int, int], float], float, int]:
-        """(CPU seconds per (pid, thread id), system CPU seconds, minor faults)."""
-        cpu: dict[tuple[int, int], float] = {}
-        system, faults = 0.0, 0
-        for process in _process_tree(proc.pid):
-            for thread in process.threads():
-                cpu[(process.pid, thread.id)] = thread.user_time + thread.system_time
-                system += thread.system_time
-            # /proc/<pid>/stat field 10, minflt; the command name may hold spaces.
-            stat = Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-            faults += int(stat[7])
-        return cpu, system, faults
-
     try:
         asyncio.run(load(url, images, 4, 32, args.precision))  # warm-up
-        cpu0, system0, faults0 = snapshot()
+        threads0, system0, faults0 = snapshot(proc.pid)
         result = asyncio.run(load(url, images, args.concurrency, args.requests, args.precision))
-        cpu1, system1, faults1 = snapshot()
+        threads1, system1, faults1 = snapshot(proc.pid)
         rss = max(process.memory_info().rss for process in _process_tree(proc.pid)) / 2**20
     finally:
         proc.terminate()
         proc.wait(timeout=30)
 
     n = args.requests
-    threads = sorted(((cpu1[k] - cpu0.get(k, 0.0), k) for k in cpu1), reverse=True)
-    total = sum(seconds for seconds, _ in threads)
+    threads = sorted(
+        (
+            (seconds - threads0.get(k, (0.0, 0))[0], faults - threads0.get(k, (0.0, 0))[1], k)
+            for k, (seconds, faults) in threads1.items()
+        ),
+        reverse=True,
+    )
+    total = sum(seconds for seconds, _, _ in threads)
     print(
         f"{args.precision}, concurrency {args.concurrency}, {n} requests, env {extra or '{}'}: "
         f"{result.throughput:.1f} images/s, mean model batch {result.mean_batch or 0:.1f}"
@@ -93,12 +86,39 @@ def main(argv: list[str] | None = None) -> int:
     print(f"    of which system (kernel)  {(system1 - system0) * 1000 / n:7.2f} ms")
     print(f"  minor page faults per image {(faults1 - faults0) / n:7.0f}")
     print(f"  largest RSS at the end      {rss:7.0f} MiB")
-    print("  threads, CPU per image (the event loop is the main thread):")
-    for seconds, (pid, tid) in threads:
+    print("  threads, CPU and minor page faults per image (the event loop is the main thread):")
+    for seconds, thread_faults, (pid, tid) in threads:
         if seconds * 1000 / n >= 0.1:
             name = "event loop" if pid == tid else f"thread {tid}"
-            print(f"    pid {pid} {name:<14} {seconds * 1000 / n:7.2f} ms")
+            print(f"    pid {pid} {name:<14} {seconds * 1000 / n:7.2f} ms {thread_faults / n:7.0f}")
     return 0
+
+
+Threads = dict[tuple[int, int], tuple[float, int]]
+"""(CPU seconds, minor page faults) per (pid, thread id)."""
+
+
+def snapshot(root_pid: int) -> tuple[Threads, float, int]:
+    """The counters of a server's processes now: per thread, the system CPU seconds of
+    all their threads, and the processes' minor page faults."""
+    threads: Threads = {}
+    system, faults = 0.0, 0
+    for process in _process_tree(root_pid):
+        for thread in process.threads():
+            key = (process.pid, thread.id)
+            try:
+                thread_faults = _minor_faults(f"/proc/{process.pid}/task/{thread.id}/stat")
+            except OSError:  # the thread ended meanwhile
+                continue
+            threads[key] = (thread.user_time + thread.system_time, thread_faults)
+            system += thread.system_time
+        faults += _minor_faults(f"/proc/{process.pid}/stat")
+    return threads, system, faults
+
+
+def _minor_faults(stat_path: str) -> int:
+    """Field 10 of a /proc stat file (minflt); the command name before it may hold spaces."""
+    return int(Path(stat_path).read_text().rsplit(")", 1)[1].split()[7])
 
 
 if __name__ == "__main__":

@@ -1,0 +1,121 @@
+"""The service against its runtime, in alternating rounds: /predict images/s at one
+concurrency over the best raw ONNX Runtime images/s of the same graph, measured round by
+round on the same machine.
+
+    .venv/bin/python -m bench.predict_ratio                         # INT8, concurrency 32
+    .venv/bin/python -m bench.predict_ratio --precision fp32 --rounds 7
+
+`bench.predict` measures the raw rates once and the service once, minutes apart; on a
+shared 2-vCPU machine either can move by 10-15 % between runs, so one run's ratio is good
+to about ±0.1 (BENCHMARKS.md, "ONNX Runtime's memory arena"). Here one `lantern serve`
+stays up (warmed up once) while every round measures both: raw ONNX Runtime in this
+process, as `bench.predict` does it (the all-cores session and the model streams, batch 1,
+8 and 32, `--seconds` each; the round's best of them is the yardstick), and
+`--requests` closed-loop POST /predict at `--concurrency` (bench.loadgen). The order
+alternates from round to round, so a machine getting busier or quieter does not favour
+either side. Prints each round's ratio and the median over the rounds, with the server's
+and the load generator's CPU per image (they share the machine's cores, which the raw
+runs have to themselves). Not part of `make bench` (about 5 minutes for 5 rounds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+
+from bench.predict import (
+    _HOME,
+    BATCHES,
+    IMAGE_SIZE,
+    LoadResult,
+    free_port,
+    load,
+    machine,
+    make_jpegs,
+    register_model,
+    serve_log,
+    start_server,
+    streams_rate,
+    time_batches,
+)
+
+
+def raw_rates(tag: str, precision: str, seconds: float) -> dict[str, float]:
+    """Images/s of the graph per way of running it: "all cores, batch b" and "N streams,
+    batch b" (bench.predict's two yardsticks)."""
+    import numpy as np
+
+    from lantern.core.bundle import load_bundle
+    from service.classifier import create_session, graph_path, run, usable_cpus
+
+    path = graph_path(load_bundle(tag), precision)
+    all_cores = create_session(path, provider="cpu")
+    single = create_session(path, provider="cpu", threads=1)
+    streams = usable_cpus()
+    rng = np.random.default_rng(0)
+    rates: dict[str, float] = {}
+    for b in BATCHES:
+        batch = rng.standard_normal((b, 3, IMAGE_SIZE, IMAGE_SIZE), np.float32)
+        rates[f"all cores, batch {b}"] = time_batches(
+            lambda _, batch=batch: run(all_cores, batch), b, seconds
+        )[0]
+        rates[f"{streams} streams, batch {b}"] = streams_rate(single, batch, streams, seconds)[0]
+    return rates
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--precision", choices=("fp32", "int8"), default="int8")
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--requests", type=int, default=320, help="service requests per round")
+    p.add_argument("--seconds", type=float, default=6.0, help="per raw configuration per round")
+    args = p.parse_args(argv)
+
+    tmp = _HOME / "work"
+    tmp.mkdir(parents=True, exist_ok=True)
+    print(f"{machine()}; registering the benchmark's ResNet-50 ...", flush=True)
+    tag = register_model(tmp)
+    images = make_jpegs(16)
+    port = free_port()
+    proc = start_server(tag, port, serve_log(tmp, args.precision), args.precision)
+    url = f"http://127.0.0.1:{port}"
+    ratios: list[float] = []
+    try:
+        # Warm-up: thread pools, allocator growth, ONNX Runtime's first batched shapes.
+        asyncio.run(load(url, images, args.concurrency, 2 * args.concurrency, args.precision))
+        for round_ in range(args.rounds):
+            service: LoadResult | None = None
+            raw: dict[str, float] = {}
+            for side in ("raw", "service") if round_ % 2 == 0 else ("service", "raw"):
+                if side == "raw":
+                    raw = raw_rates(tag, args.precision, args.seconds)
+                else:
+                    service = asyncio.run(
+                        load(url, images, args.concurrency, args.requests, args.precision, proc.pid)
+                    )
+            assert service is not None
+            best = max(raw, key=raw.__getitem__)
+            ratios.append(service.throughput / raw[best])
+            print(
+                f"round {round_ + 1}: service {service.throughput:.1f} images/s "
+                f"(mean batch {service.mean_batch or 0:.1f}, server CPU "
+                f"{service.server_cpu_ms or 0:.1f} ms, load generator CPU "
+                f"{service.client_cpu_ms or 0:.1f} ms per image), raw best {raw[best]:.1f} "
+                f"({best}): {ratios[-1]:.2f}x",
+                flush=True,
+            )
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    print(
+        f"{args.precision}, concurrency {args.concurrency}, {args.rounds} rounds: service/raw "
+        f"median {statistics.median(ratios):.2f}x (rounds {min(ratios):.2f}-{max(ratios):.2f}x)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
