@@ -39,7 +39,7 @@ def decode_image(
     scales while decoding; Pillow's `draft`), keeping the shorter side at least twice
     `reduce_for`, as Pillow's `thumbnail(reducing_gap=2)` does: a 4032x3024 photo decodes
     in a third of the CPU, and after the resize the pixels differ by under half a level of
-    255 on average (BENCHMARKS.md, "Decoding"). Other formats decode whole.
+    255 on average (BENCHMARKS.md, "What the per-request work is"). Other formats decode whole.
     """
     if not data:
         raise UnprocessableInput(f"{name} is empty; send the bytes of a {READABLE} image")
