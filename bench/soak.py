@@ -314,11 +314,13 @@ def register_model(arch: str, image_size: int, work: Path) -> str:
 def start_server(
     tag: str, port: int, log_path: Path, env: dict[str, str]
 ) -> subprocess.Popen[bytes]:
+    # The environment is read before bench.predict is imported: importing it points
+    # BENTOML_HOME at a temporary store of its own, not the one the model is in. (Imported
+    # here rather than at the top so that tests importing this module keep their store.)
+    server_env = {**os.environ, "LANTERN_MODEL": tag, **env}
     from bench.predict import launch_server
 
-    return launch_server(
-        port, log_path, {**os.environ, "LANTERN_MODEL": tag, **env}, ready_timeout_s=180
-    )
+    return launch_server(port, log_path, server_env, ready_timeout_s=180)
 
 
 def free_port() -> int:
