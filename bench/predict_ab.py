@@ -8,7 +8,7 @@ so its own code), with the same registered ResNet-50 (random weights, fp32, 224 
 same JPEGs and closed-loop clients at concurrency 8 (`--precision int8`: the same
 model's INT8 graph, quantised as bench.predict does it). Rounds alternate the order so that a
 machine getting busier or quieter does not favour one side. Prints, per round and as
-medians: images/s, the server's CPU per image (all its threads; bench.server_cpu) and its
+medians: images/s, the server's CPU per image (all its processes and threads) and its
 minor page faults per image.
 """
 
@@ -32,7 +32,7 @@ from bench.predict import (
     make_jpegs,
     register_model,
 )
-from bench.server_cpu import snapshot
+from bench.server_cpu import minor_faults
 
 
 def serve(tree: Path, tag: str, port: int, log: Path, precision: str) -> subprocess.Popen[bytes]:
@@ -68,16 +68,17 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 url = f"http://127.0.0.1:{port}"
                 asyncio.run(load(url, images, args.concurrency, 3 * args.concurrency))  # warm
-                threads0, _, faults0 = snapshot(proc.pid)
-                result = asyncio.run(load(url, images, args.concurrency, args.requests))
-                threads1, _, faults1 = snapshot(proc.pid)
+                faults0 = minor_faults(proc.pid)
+                result = asyncio.run(
+                    load(url, images, args.concurrency, args.requests, server_pid=proc.pid)
+                )
+                faults1 = minor_faults(proc.pid)
             finally:
                 proc.terminate()
                 proc.wait(timeout=60)
             # The server's CPU per image (every thread of its processes) is steadier than
             # images/s on a shared machine: it does not count the time the server waited.
-            cpu = sum(t - threads0.get(k, (0.0, 0))[0] for k, (t, _) in threads1.items())
-            cpu_ms = cpu * 1000 / args.requests
+            cpu_ms = result.server_cpu_ms or 0.0
             faults = (faults1 - faults0) / args.requests
             results[side].append((result.throughput, cpu_ms, faults))
             print(

@@ -27,9 +27,9 @@ import sys
 
 from bench.predict import (
     _HOME,
-    BATCHES,
-    IMAGE_SIZE,
     LoadResult,
+    bench_ort,
+    bench_ort_streams,
     free_port,
     load,
     machine,
@@ -37,31 +37,20 @@ from bench.predict import (
     register_model,
     serve_log,
     start_server,
-    streams_rate,
-    time_batches,
 )
 
 
 def raw_rates(tag: str, precision: str, seconds: float) -> dict[str, float]:
     """Images/s of the graph per way of running it: "all cores, batch b" and "N streams,
     batch b" (bench.predict's two yardsticks)."""
-    import numpy as np
+    from service.classifier import usable_cpus
 
-    from lantern.core.bundle import load_bundle
-    from service.classifier import create_session, graph_path, run, usable_cpus
-
-    path = graph_path(load_bundle(tag), precision)
-    all_cores = create_session(path, provider="cpu")
-    single = create_session(path, provider="cpu", threads=1)
+    rates = {
+        f"all cores, batch {b}": rate for b, (rate, _) in bench_ort(tag, seconds, precision).items()
+    }
     streams = usable_cpus()
-    rng = np.random.default_rng(0)
-    rates: dict[str, float] = {}
-    for b in BATCHES:
-        batch = rng.standard_normal((b, 3, IMAGE_SIZE, IMAGE_SIZE), np.float32)
-        rates[f"all cores, batch {b}"] = time_batches(
-            lambda _, batch=batch: run(all_cores, batch), b, seconds
-        )[0]
-        rates[f"{streams} streams, batch {b}"] = streams_rate(single, batch, streams, seconds)[0]
+    for b, rate in bench_ort_streams(tag, seconds, precision).items():
+        rates[f"{streams} streams, batch {b}"] = rate
     return rates
 
 

@@ -116,6 +116,11 @@ def snapshot(root_pid: int) -> tuple[Threads, float, int]:
     return threads, system, faults
 
 
+def minor_faults(root_pid: int) -> int:
+    """The minor page faults of a server's processes so far."""
+    return sum(_minor_faults(f"/proc/{process.pid}/stat") for process in _process_tree(root_pid))
+
+
 def _minor_faults(stat_path: str) -> int:
     """Field 10 of a /proc stat file (minflt); the command name before it may hold spaces."""
     return int(Path(stat_path).read_text().rsplit(")", 1)[1].split()[7])
