@@ -25,13 +25,13 @@ Target: >= 0.8.
 from __future__ import annotations
 
 import argparse
-import os
 import socket
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from bench.store import use_temporary_store
 
 TARGET = 0.8
 
@@ -71,9 +71,7 @@ def _register_model(root: Path, arch: str, size: int) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    root = Path(tempfile.mkdtemp(prefix="lantern-bench-batching-"))
-    os.environ["BENTOML_HOME"] = str(root / "bentoml")  # before bentoml is imported
-    os.environ["BENTOML_DO_NOT_TRACK"] = "true"
+    root = use_temporary_store("lantern-bench-batching-")
 
     import io
 

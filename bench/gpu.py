@@ -4,7 +4,7 @@
     .venv/bin/python -m bench.gpu --dry-run             the same code on the CPU, tiny sizes
 
 Registers a ResNet-50 (random weights, 10 classes, 224 px) with its fp16 graph, as `lantern
-export --fp16` writes it, in a temporary BENTOML_HOME (bench.predict's), then measures:
+export --fp16` writes it, in a temporary BENTOML_HOME (bench.store), then measures:
 
 - raw ONNX Runtime images/s of the fp32 and the fp16 graph at batch 1, 8, 32 and 64: with
   `session.run()` on numpy arrays (what the service does today) and with IO binding (input
@@ -44,9 +44,9 @@ from typing import Any
 
 import numpy as np
 
-# Imported first: bench.predict points BENTOML_HOME at a throw-away model store before
-# anything imports bentoml, and its launcher, load loop and timer are the ones used here.
+# bench.predict's launcher, load loop and timer are the ones used here.
 from bench import predict
+from bench.store import use_temporary_store
 
 NUM_CLASSES = 10
 CUDNN_SEARCHES = ("DEFAULT", "EXHAUSTIVE")
@@ -500,7 +500,8 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime as ort
     import torch
 
-    work = predict._HOME / "work"
+    home = use_temporary_store()
+    work = home / "work"
     work.mkdir(parents=True, exist_ok=True)
     try:
         print(f"registering a random-weight {sizes.arch} with its fp16 graph ...", flush=True)
@@ -528,6 +529,8 @@ def main(argv: list[str] | None = None) -> int:
     except NoCuda as e:
         print(e, file=sys.stderr)
         return 1
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
 
     report = {
         "device": device,
@@ -555,7 +558,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    finally:  # bench.predict's temporary model store, made when it was imported
-        shutil.rmtree(predict._HOME, ignore_errors=True)
+    sys.exit(main())

@@ -5,7 +5,7 @@
 
 Registers the prediction benchmark's model (bench.predict.register_model: a random-weight
 ResNet-50, 10 classes, 224 px, with its QDQ U8S8 INT8 graph from models/quantize.py) in
-bench.predict's temporary BENTOML_HOME, then measures raw images/s at batch 1, 8 and 32 of:
+a temporary BENTOML_HOME (bench.store), then measures raw images/s at batch 1, 8 and 32 of:
 
 - ONNX Runtime fp32 and INT8 with the service's session options (service.classifier,
   intra-op threads = usable CPUs), and as "model streams" (one single-threaded session run
@@ -417,15 +417,16 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     import onnxruntime
 
-    from bench import predict
+    from bench.store import use_temporary_store
 
+    store = use_temporary_store()
     try:
-        return run_all(args, ov, onnxruntime.__version__)
-    finally:  # bench.predict's temporary model store, made when it was imported
-        shutil.rmtree(predict._HOME, ignore_errors=True)
+        return run_all(args, ov, onnxruntime.__version__, store)
+    finally:
+        shutil.rmtree(store, ignore_errors=True)
 
 
-def run_all(args: argparse.Namespace, ov: Any, ort_version: str) -> int:
+def run_all(args: argparse.Namespace, ov: Any, ort_version: str, store: Path) -> int:
     rounds, seconds = (1, 0.3) if args.quick else (args.rounds, args.seconds)
     count = 8 if args.quick else AGREEMENT_IMAGES
     load_start = os.getloadavg()[0]
@@ -439,10 +440,10 @@ def run_all(args: argparse.Namespace, ov: Any, ort_version: str) -> int:
         h = dims.shape.dim[2].dim_value
         spec = PreprocessSpec(crop_size=h, resize_size=h)
     else:
-        from bench.predict import _HOME, register_model
+        from bench.predict import register_model
         from lantern.core.bundle import load_bundle
 
-        tmp = _HOME / "work"
+        tmp = store / "work"
         tmp.mkdir(parents=True, exist_ok=True)
         print("registering a random-weight ResNet-50 (+ INT8 graph) ...", flush=True)
         bundle = load_bundle(register_model(tmp))

@@ -26,7 +26,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,12 +37,9 @@ if TYPE_CHECKING:
 
     from lantern.core.bundle import Bundle
 
-# Before anything imports bentoml: a throw-away model store for this run.
-_HOME = Path(tempfile.mkdtemp(prefix="lantern-bench-"))
-os.environ["BENTOML_HOME"] = str(_HOME / "bentoml")
-os.environ["BENTOML_DO_NOT_TRACK"] = "true"
+import numpy as np
 
-import numpy as np  # noqa: E402
+from bench.store import use_temporary_store
 
 ARCH = "resnet50"
 NUM_CLASSES = 10
@@ -530,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
     requests = {1: 12, 8: 48, 32: 96} if args.quick else {1: 60, 8: 160, 32: 320}
     budget = 3.0 if args.quick else args.seconds
 
-    tmp = _HOME / "work"
+    tmp = use_temporary_store() / "work"
     tmp.mkdir(parents=True, exist_ok=True)
     print(
         "registering a random-weight ResNet-50 (+ INT8 graph) in a temporary model store ...",

@@ -20,7 +20,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from bench.predict import (
@@ -33,6 +32,7 @@ from bench.predict import (
     register_model,
 )
 from bench.server_cpu import minor_faults
+from bench.store import use_temporary_store
 
 
 def serve(tree: Path, tag: str, port: int, log: Path, precision: str) -> subprocess.Popen[bytes]:
@@ -55,8 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--precision", choices=("fp32", "int8"), default="fp32")
     args = parser.parse_args(argv)
-    tmp = Path(tempfile.mkdtemp(prefix="lantern-bench-ab-"))
-    os.environ["BENTOML_HOME"] = str(tmp / "home")
+    tmp = use_temporary_store("lantern-bench-ab-")
     tag = register_model(tmp)  # the version with the INT8 graph too
     images = make_jpegs(32)
     trees = {"a": args.a.resolve(), "b": args.b.resolve()}

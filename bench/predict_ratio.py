@@ -26,7 +26,6 @@ import statistics
 import sys
 
 from bench.predict import (
-    _HOME,
     LoadResult,
     bench_ort,
     bench_ort_streams,
@@ -38,6 +37,7 @@ from bench.predict import (
     serve_log,
     start_server,
 )
+from bench.store import use_temporary_store
 
 
 def raw_rates(tag: str, precision: str, seconds: float) -> dict[str, float]:
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=6.0, help="per raw configuration per round")
     args = p.parse_args(argv)
 
-    tmp = _HOME / "work"
+    tmp = use_temporary_store() / "work"
     tmp.mkdir(parents=True, exist_ok=True)
     print(f"{machine()}; registering the benchmark's ResNet-50 ...", flush=True)
     tag = register_model(tmp)

@@ -24,7 +24,6 @@ import sys
 from pathlib import Path
 
 from bench.predict import (
-    _HOME,
     _process_tree,
     free_port,
     launch_server,
@@ -32,6 +31,7 @@ from bench.predict import (
     make_jpegs,
     register_model,
 )
+from bench.store import use_temporary_store
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     extra = dict(item.split("=", 1) for item in args.env)
 
-    tmp = _HOME / "work"
+    tmp = use_temporary_store() / "work"
     tmp.mkdir(parents=True, exist_ok=True)
     print("registering the benchmark's ResNet-50 in a temporary model store ...", flush=True)
     tag = register_model(tmp)

@@ -42,6 +42,9 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.predict import launch_server
+from bench.store import use_temporary_store
+
 # Upload sizes, cycled: thumbnails to full-HD camera frames, landscape and portrait.
 SIZES = (
     (64, 48),
@@ -314,12 +317,7 @@ def register_model(arch: str, image_size: int, work: Path) -> str:
 def start_server(
     tag: str, port: int, log_path: Path, env: dict[str, str]
 ) -> subprocess.Popen[bytes]:
-    # The environment is read before bench.predict is imported: importing it points
-    # BENTOML_HOME at a temporary store of its own, not the one the model is in. (Imported
-    # here rather than at the top so that tests importing this module keep their store.)
     server_env = {**os.environ, "LANTERN_MODEL": tag, **env}
-    from bench.predict import launch_server
-
     return launch_server(port, log_path, server_env, ready_timeout_s=180)
 
 
@@ -466,13 +464,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     os.environ["BENTOML_DO_NOT_TRACK"] = "true"
 
-    work = Path(tempfile.mkdtemp(prefix="lantern-soak-"))
     tag = args.model
     if tag is None:
-        # Before bentoml is imported: a throw-away model store for this run.
-        os.environ["BENTOML_HOME"] = str(work / "bentoml")
+        work = use_temporary_store("lantern-soak-")
         print(f"registering a random-weight {args.arch} at {args.image_size} px ...", flush=True)
         tag = register_model(args.arch, args.image_size, work)
+    else:  # the current store; a directory for the server's log
+        work = Path(tempfile.mkdtemp(prefix="lantern-soak-"))
     env = dict(e.split("=", 1) for e in args.env)
     probe_dir = None
     if args.probe:

@@ -36,9 +36,9 @@ from typing import Any
 
 import numpy as np
 
-# Imported first: bench.predict points BENTOML_HOME at a throw-away model store before
-# anything imports bentoml, and its registration, service run and load loop are used here.
+# bench.predict's registration, service run and load loop are the ones used here.
 from bench import predict
+from bench.store import use_temporary_store
 
 HERE = Path(__file__).resolve().parent
 MODEL_NAME = "resnet50"
@@ -370,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
 
     threads = args.threads or max(1, usable_cpus() // args.workers)
     home = Path(tempfile.mkdtemp(prefix="lantern-torchserve-"))
-    work = predict._HOME / "work"
+    store = use_temporary_store()
+    work = store / "work"
     work.mkdir(parents=True, exist_ok=True)
     killed: list[str] = []
     finished = False
@@ -403,6 +404,7 @@ def main(argv: list[str] | None = None) -> int:
             killed = server.stop()
         finished = True
     finally:
+        shutil.rmtree(store, ignore_errors=True)
         if finished:
             shutil.rmtree(home, ignore_errors=True)
         else:  # its logs say why TorchServe failed
@@ -442,7 +444,4 @@ def _version(package: str) -> str:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    finally:  # bench.predict's temporary model store, made when it was imported
-        shutil.rmtree(predict._HOME, ignore_errors=True)
+    sys.exit(main())
