@@ -397,15 +397,28 @@ def serve_log(tmp: Path, precision: str) -> Path:
     return tmp / f"serve-{precision}.log"
 
 
+# The instruction sets ONNX Runtime's and OpenVINO's CPU kernels choose between.
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile")
+
+
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
+    """The CPU as /proc/cpuinfo names it, with its family, model and the instruction sets
+    that decide the kernels: one model name ("AMD EPYC") covers hosts whose ResNet-50 INT8
+    runs 5x apart (BENCHMARKS.md, "A slower AMD EPYC"), so the name alone cannot tell two
+    runs' machines apart."""
+    info: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "cpu family", "model", "flags"):
+                info.setdefault(key.strip(), value.strip())
     except OSError:
         pass
+    cpu = info.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in info:
+        flags = set(info.get("flags", "").split())
+        isa = " ".join(f.upper() for f in ISA_FLAGS if f in flags) or "no AVX2"
+        cpu += f"; family {info['cpu family']} model {info.get('model', '?')}; {isa}"
     from service.classifier import usable_cpus
 
     return f"{usable_cpus()} CPU cores ({cpu}), {platform.system()} {platform.release()}"
