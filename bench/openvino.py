@@ -62,16 +62,12 @@ class Variant:
 
 
 def cpu_info() -> dict[str, Any]:
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
+    from bench.predict import cpuinfo
     from service.classifier import usable_cpus
+
+    info = cpuinfo()
+    model = info.get("model name") or platform.processor() or platform.machine()
+    flags = set(info.get("flags", "").split())
 
     return {"model": model, "cpus": usable_cpus(), "flags": {f: f in flags for f in FLAGS}}
 

@@ -406,14 +406,7 @@ def machine() -> str:
     that decide the kernels: one model name ("AMD EPYC") covers hosts whose ResNet-50 INT8
     runs 5x apart (BENCHMARKS.md, "A slower AMD EPYC"), so the name alone cannot tell two
     runs' machines apart."""
-    info: dict[str, str] = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() in ("model name", "cpu family", "model", "flags"):
-                info.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
+    info = cpuinfo()
     cpu = info.get("model name") or platform.processor() or platform.machine()
     if "cpu family" in info:
         flags = set(info.get("flags", "").split())
@@ -422,6 +415,20 @@ def machine() -> str:
     from service.classifier import usable_cpus
 
     return f"{usable_cpus()} CPU cores ({cpu}), {platform.system()} {platform.release()}"
+
+
+def cpuinfo() -> dict[str, str]:
+    """The first CPU's fields in /proc/cpuinfo ("model name", "cpu family", "flags", ...);
+    empty where there is none."""
+    info: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip():
+                info.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    return info
 
 
 def render(

@@ -28,7 +28,6 @@ import contextlib
 import io
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -42,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.predict import launch_server
+from bench.predict import free_port, launch_server
 from bench.store import use_temporary_store
 
 # Upload sizes, cycled: thumbnails to full-HD camera frames, landscape and portrait.
@@ -319,12 +318,6 @@ def start_server(
 ) -> subprocess.Popen[bytes]:
     server_env = {**os.environ, "LANTERN_MODEL": tag, **env}
     return launch_server(port, log_path, server_env, ready_timeout_s=180)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:

@@ -10,6 +10,7 @@ tests/test_soak.py starts its server through the test fixtures.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -64,7 +65,7 @@ def test_the_temporary_store_is_the_one_bentoml_then_uses(tmp_path: Path) -> Non
         assert Path(root).name.startswith("lantern-test-store-")
         assert Path(bentoml_home) == Path(root) / "bentoml"
     finally:
-        subprocess.run(["rm", "-rf", root], check=True)
+        shutil.rmtree(root)
 
 
 def test_a_temporary_store_is_refused_once_bentoml_is_imported(tmp_path: Path) -> None:
