@@ -178,13 +178,22 @@ def bench_ort_streams(
 def streams_rate(
     session: object, batch: np.ndarray, streams: int, budget_s: float
 ) -> tuple[float, int]:
-    """(images/s, images run, warm-up included) of `streams` threads running `batch`."""
+    """(images/s, images run, warm-up included) of `streams` threads running `batch`.
+
+    The rate is the sum of each stream's own rate (its images over the time from the
+    start to the end of its last batch), not all images over the time until the last
+    stream is done: a stream runs whole batches, so once the budget has passed the one
+    that started its last batch first sits idle while the others finish theirs. On a slow
+    CPU a batch of 32 takes longer than the whole budget, and that idle tail left the
+    machine 17 % idle during the raw runs (BENCHMARKS.md, "A slower AMD EPYC").
+    """
     import threading
 
     from service.classifier import run
 
     run(session, batch)  # warm-up
     counts = [0] * streams
+    elapsed = [0.0] * streams
     stop = time.perf_counter() + max(budget_s, 0.1)
 
     def stream(i: int) -> None:
@@ -192,6 +201,7 @@ def streams_rate(
         while counts[i] == 0 or time.perf_counter() < stop:
             run(session, batch)
             counts[i] += batch.shape[0]
+            elapsed[i] = time.perf_counter() - start
 
     threads = [threading.Thread(target=stream, args=(i,)) for i in range(streams)]
     start = time.perf_counter()
@@ -199,7 +209,8 @@ def streams_rate(
         t.start()
     for t in threads:
         t.join()
-    return sum(counts) / (time.perf_counter() - start), sum(counts) + batch.shape[0]
+    rate = sum(n / s for n, s in zip(counts, elapsed, strict=True))
+    return rate, sum(counts) + batch.shape[0]
 
 
 def bench_torch(tag: str, budget_s: float) -> dict[int, tuple[float, float]]:
