@@ -7,6 +7,9 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import select
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -205,3 +208,59 @@ def test_probes_metrics_and_docs(lantern_server: Server, tiny_bundle) -> None:  
         assert "/predict" in client.get("/docs.json").json()["paths"]
     provider = re.search(r"runs on (\w+ExecutionProvider)", lantern_server.log_text())
     assert provider and provider.group(1) in {"CPUExecutionProvider", "CUDAExecutionProvider"}
+
+
+# --- kept-alive connections ----------------------------------------------------------------
+# A server that closes an idle connection can do so just as the client sends its next request
+# on it; the client then gets a connection error for a request it cannot tell was received
+# (the soak test met it: httpx's pool had left connections idle for as long as uvicorn's
+# default 5 s). So the API's keep-alive must outlast its clients' (httpx and Node.js close
+# idle connections after 5 s), which then always close first; and it must stay finite.
+
+
+def get_on(sock: socket.socket, path: str) -> int:
+    """Status of one GET sent on an open connection (reads the whole answer)."""
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: lantern\r\n\r\n".encode())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"the server closed the connection instead of answering {path}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?im)^content-length:\s*(\d+)", head).group(1))  # type: ignore[union-attr]
+    while len(body) < length:
+        body += sock.recv(65536)
+    return int(head.split()[1])
+
+
+def connect(server: Server) -> socket.socket:
+    host, port = server.url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=30)
+
+
+def test_an_idle_connection_outlasts_an_http_clients_5_s_keep_alive(lantern_server: Server) -> None:
+    with connect(lantern_server) as sock:
+        assert get_on(sock, "/livez") == 200
+        closed, _, _ = select.select([sock], [], [], 6.5)  # readable: the server hung up
+        assert not closed, "the server closed an idle connection within 6.5 s"
+        assert get_on(sock, "/livez") == 200  # the same connection, reused
+
+
+def test_keep_alive_seconds_sets_how_long_an_idle_connection_stays_open(
+    tiny_bundle,  # type: ignore[no-untyped-def]
+    tmp_path: Path,
+) -> None:
+    server = start_server(
+        tiny_bundle.tag, tmp_path / "serve.log", {"LANTERN_KEEP_ALIVE_SECONDS": "2"}
+    )
+    try:
+        with connect(server) as sock:
+            assert get_on(sock, "/livez") == 200
+            idle = time.monotonic()
+            closed, _, _ = select.select([sock], [], [], 30)
+            waited = time.monotonic() - idle
+            assert closed and sock.recv(1) == b"", "the idle connection was not closed"
+            # Not before 2 s, and well before uvicorn's own default of 5 s.
+            assert 1.5 < waited < 4.5, f"closed after {waited:.1f} s, keep-alive 2 s"
+    finally:
+        stop_server(server)

@@ -59,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
     command = [
         sys.executable, "-m", "bentoml", "serve", SERVICE,
         "--host", args.host, "--port", str(args.port),
+        "--timeout-keep-alive", str(settings.keep_alive_seconds),
     ]  # fmt: skip
     # A log line (LANTERN_LOG_FORMAT), like every other line the server writes.
     logging.getLogger("lantern.serve").info(

@@ -97,6 +97,15 @@ class Settings(BaseSettings):
         description="Micro-batching: longest a request may wait for its batch to start "
         "before it is refused with 503 (ResNet-50 on 2 CPU cores: ~1.6 s per batch of 32).",
     )
+    keep_alive_seconds: int = Field(
+        75,
+        ge=1,
+        description="How long the API keeps an idle kept-alive HTTP connection open. Longer "
+        "than the idle timeouts of the clients and proxies in front of it (httpx and Node.js "
+        "5 s, AWS ALB 60 s), so that they close an idle connection first: a server that "
+        "closes first can do it just as the client sends its next request on it, and that "
+        "request fails with a connection error.",
+    )
     ort_threads: int = Field(
         0, description="ONNX Runtime intra-op threads (0: one per physical core)."
     )
