@@ -6,8 +6,9 @@
 Registers a model with random weights (ResNet-50 at 224 px by default) in a temporary
 BENTOML_HOME (or serves `--model TAG` from the current one), starts a real `lantern serve`
 on a free loopback port, and sends `--requests` POST /predict calls (10,000) from
-`--concurrency` closed-loop clients (32) over one httpx async client, each carrying one of
-a set of generated JPEGs of varied sizes (64x48 up to 1920x1080, photo-like). The RSS of
+`--concurrency` closed-loop clients (32), each on a kept-alive connection of its own
+(`soak` says why not httpx's pool) and each call carrying one of a set of generated
+JPEGs of varied sizes (64x48 up to 1920x1080, photo-like). The RSS of
 every process of the server (the `bentoml serve` arbiter and the worker that runs the
 model, found as psutil children of the server) is sampled when the server is ready and
 after 20 %, 60 % and 100 % of the requests (2k / 6k / 10k of 10,000); the table shows each
@@ -38,6 +39,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -160,37 +162,79 @@ async def soak(
 ) -> tuple[float, int, list[Sample]]:
     """Closed-loop POST /predict load; `sample(done, seconds)` runs at 0 and at each
     checkpoint (requests answered), and `progress[0]` follows the requests answered.
-    Returns (seconds, non-200 answers, samples)."""
-    import httpx
+    Returns (seconds, errors, samples): answers but 200, and requests that got no answer
+    (the connection failed or the answer took over `timeout_s`), each counted and the
+    first few printed; the user then reconnects and goes on.
 
+    Each user is one kept-alive connection of its own (bench.loadgen's requests and
+    parser), sending its next request when its answer arrived, so the server always has
+    `concurrency` requests. Not httpx's pool: with as many users as connections it
+    left up to 26 of 32 requests queued in the client for up to 2.5 s while connections
+    sat idle (httpcore 1.0.9 hands one idle connection to every queued request, and all
+    but one retry), and a connection left idle that way for as long as uvicorn's keep-alive
+    (5 s then) was closed by the server as the request went out on it.
+    """
+    from bench.loadgen import Answer, multipart_request, read_answer
+
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    encoded = [
+        multipart_request(f"{host}:{port}", "/predict", "image", f"{i}.jpg", data)
+        for i, data in enumerate(images)
+    ]
     marks = sorted(set(checkpoints) | {requests})
     samples = [sample(0, 0.0)]
     sent = done = errors = 0
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=timeout_s, limits=limits) as client:
-        start = time.perf_counter()
+    start = time.perf_counter()
 
-        async def user() -> None:
-            nonlocal sent, done, errors
+    def answered(i: int, sent_at: float, answer: Answer | BaseException) -> None:
+        nonlocal done, errors
+        done += 1
+        if progress is not None:
+            progress[0] = done
+        failed = not isinstance(answer, Answer) or answer.status != 200
+        if failed:
+            errors += 1
+            if errors <= 3:
+                what = (
+                    f"answered {answer.status}: {answer.body[:200]!r}"
+                    if isinstance(answer, Answer)
+                    else f"got no answer: {answer!r}"
+                )
+                print(
+                    f"request {i} (sent {sent_at - start:.1f} s into the load, "
+                    f"{time.perf_counter() - sent_at:.2f} s ago) {what}"
+                )
+        if marks and done >= marks[0]:
+            marks.pop(0)
+            samples.append(sample(done, time.perf_counter() - start))
+
+    async def user() -> None:
+        nonlocal sent
+        connection: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        try:
             while sent < requests:
                 i = sent
                 sent += 1
-                files = {"image": (f"{i}.jpg", images[i % len(images)], "image/jpeg")}
-                response = await client.post("/predict", files=files)
-                done += 1
-                if progress is not None:
-                    progress[0] = done
-                if response.status_code != 200:
-                    errors += 1
-                    if errors <= 3:
-                        print(f"/predict answered {response.status_code}: {response.text[:200]}")
-                if marks and done >= marks[0]:
-                    marks.pop(0)
-                    samples.append(sample(done, time.perf_counter() - start))
+                if connection is None:
+                    connection = await asyncio.open_connection(host, port)
+                reader, writer = connection
+                sent_at = time.perf_counter()
+                try:
+                    writer.write(encoded[i % len(encoded)])
+                    answer = await asyncio.wait_for(read_answer(reader), timeout_s)
+                except (OSError, asyncio.IncompleteReadError, TimeoutError) as e:
+                    writer.close()
+                    connection = None
+                    answered(i, sent_at, e)
+                    continue
+                answered(i, sent_at, answer)
+        finally:
+            if connection is not None:
+                connection[1].close()
 
-        await asyncio.gather(*(user() for _ in range(concurrency)))
-        seconds = time.perf_counter() - start
-    return seconds, errors, samples
+    await asyncio.gather(*(user() for _ in range(concurrency)))
+    return time.perf_counter() - start, errors, samples
 
 
 # --- the optional in-process probe -------------------------------------------------------
