@@ -73,6 +73,24 @@ async def read_answer(reader: asyncio.StreamReader) -> Answer:
     raise RuntimeError(f"an answer without a length: {head!r}")
 
 
+@dataclass
+class Run:
+    seconds: float  # from the first request out to the last answer in
+    latencies_ms: list[float]
+    steady_answers: int  # answers in before the last request went out ...
+    steady_seconds: float  # ... and the time until then
+
+    @property
+    def steady_throughput(self) -> float:
+        """Answers per second while every user had a request out: the closed loop at its
+        concurrency, without the drain at the end, where fewer and fewer requests are left
+        and the server idles part of its cores (a whole batch's time of one model stream
+        on a slow CPU). All requests over all the time when there was no such stretch."""
+        if self.steady_answers and self.steady_seconds > 0:
+            return self.steady_answers / self.steady_seconds
+        return len(self.latencies_ms) / self.seconds
+
+
 async def closed_loop(
     url: str,
     images: list[bytes],
@@ -80,10 +98,10 @@ async def closed_loop(
     requests: int,
     precision: str = "",
     path: str = "/predict",
-) -> tuple[float, list[float]]:
-    """(seconds, latencies in ms) of `requests` POSTs of `images` (cycled) by
-    `concurrency` users. Raises RuntimeError on any answer but 200, or on an answer that
-    names another precision than `precision` (when given)."""
+) -> Run:
+    """`requests` POSTs of `images` (cycled) by `concurrency` users. Raises RuntimeError
+    on any answer but 200, or on an answer that names another precision than
+    `precision` (when given)."""
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     encoded = [
@@ -92,15 +110,18 @@ async def closed_loop(
     ]
     latencies: list[float] = []
     next_index = 0
+    steady: tuple[int, float] = (0, 0.0)
 
     async def user() -> None:
-        nonlocal next_index
+        nonlocal next_index, steady
         reader, writer = await asyncio.open_connection(host, port)
         try:
             while next_index < requests:
                 i = next_index
                 next_index += 1
                 t0 = time.perf_counter()
+                if next_index == requests:  # the last one: the drain starts
+                    steady = (len(latencies), t0 - start)
                 writer.write(encoded[i % len(encoded)])
                 answer = await read_answer(reader)
                 latencies.append((time.perf_counter() - t0) * 1000)
@@ -113,4 +134,4 @@ async def closed_loop(
 
     start = time.perf_counter()
     await asyncio.gather(*(user() for _ in range(concurrency)))
-    return time.perf_counter() - start, latencies
+    return Run(time.perf_counter() - start, latencies, *steady)

@@ -58,10 +58,13 @@ class LoadResult:
     mean_batch: float | None
     server_cpu_ms: float | None = None  # CPU the server's processes spent per request
     client_cpu_ms: float | None = None  # CPU the load generator spent per request
+    steady_throughput: float | None = None  # bench.loadgen.Run.steady_throughput
 
     @property
     def throughput(self) -> float:
-        return self.requests / self.seconds
+        """Images/s at the concurrency: while every user had a request out (the drain at
+        the end left out, bench.loadgen.Run.steady_throughput) when measured so."""
+        return self.steady_throughput or self.requests / self.seconds
 
     def percentile(self, q: float) -> float:
         return float(np.percentile(self.latencies_ms, q))
@@ -327,7 +330,7 @@ async def load(
     async with httpx.AsyncClient(base_url=url, timeout=120) as http:
         before = batch_counters((await http.get("/metrics")).text)
         server_cpu, client_cpu = _cpu_seconds(server), _cpu_seconds([client])
-        seconds, latencies = await closed_loop(url, images, concurrency, requests, precision)
+        run = await closed_loop(url, images, concurrency, requests, precision)
         server_cpu, client_cpu = (
             _cpu_seconds(server) - server_cpu,
             _cpu_seconds([client]) - client_cpu,
@@ -338,9 +341,10 @@ async def load(
     return LoadResult(
         concurrency,
         requests,
-        seconds,
-        latencies,
+        run.seconds,
+        run.latencies_ms,
         mean_batch,
+        steady_throughput=run.steady_throughput,
         server_cpu_ms=server_cpu / requests * 1000 if server else None,
         client_cpu_ms=client_cpu / requests * 1000,
     )

@@ -249,10 +249,15 @@ async def load_torchserve(url: str, images: list[bytes], concurrency: int, reque
     """bench.predict's closed-loop clients (bench.loadgen) against TorchServe's route."""
     from bench.loadgen import closed_loop
 
-    seconds, latencies = await closed_loop(
-        url, images, concurrency, requests, path=f"/predictions/{MODEL_NAME}"
+    run = await closed_loop(url, images, concurrency, requests, path=f"/predictions/{MODEL_NAME}")
+    return predict.LoadResult(
+        concurrency,
+        requests,
+        run.seconds,
+        run.latencies_ms,
+        None,
+        steady_throughput=run.steady_throughput,
     )
-    return predict.LoadResult(concurrency, requests, seconds, latencies, None)
 
 
 def bench_torchserve(server: TorchServe, requests: dict[int, int]) -> list[Any]:
