@@ -50,6 +50,17 @@ def multipart_request(host: str, path: str, field: str, filename: str, data: byt
     return head + body
 
 
+def upload_requests(url: str, path: str, images: list[bytes]) -> tuple[str, int, list[bytes]]:
+    """(host, port, the bytes of one multipart POST to `path` per image) for `url`."""
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    encoded = [
+        multipart_request(f"{host}:{port}", path, "image", f"{i}.jpg", data)
+        for i, data in enumerate(images)
+    ]
+    return host, port, encoded
+
+
 async def read_answer(reader: asyncio.StreamReader) -> Answer:
     """One HTTP/1.1 response: Content-Length or chunked bodies."""
     head = await reader.readuntil(b"\r\n\r\n")
@@ -102,12 +113,7 @@ async def closed_loop(
     """`requests` POSTs of `images` (cycled) by `concurrency` users. Raises RuntimeError
     on any answer but 200, or on an answer that names another precision than
     `precision` (when given)."""
-    parts = urlsplit(url)
-    host, port = parts.hostname or "127.0.0.1", parts.port or 80
-    encoded = [
-        multipart_request(f"{host}:{port}", path, "image", f"{i}.jpg", data)
-        for i, data in enumerate(images)
-    ]
+    host, port, encoded = upload_requests(url, path, images)
     latencies: list[float] = []
     next_index = 0
     steady: tuple[int, float] = (0, 0.0)

@@ -39,7 +39,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -174,14 +173,9 @@ async def soak(
     but one retry), and a connection left idle that way for as long as uvicorn's keep-alive
     (5 s then) was closed by the server as the request went out on it.
     """
-    from bench.loadgen import Answer, multipart_request, read_answer
+    from bench.loadgen import Answer, read_answer, upload_requests
 
-    parts = urlsplit(url)
-    host, port = parts.hostname or "127.0.0.1", parts.port or 80
-    encoded = [
-        multipart_request(f"{host}:{port}", "/predict", "image", f"{i}.jpg", data)
-        for i, data in enumerate(images)
-    ]
+    host, port, encoded = upload_requests(url, "/predict", images)
     marks = sorted(set(checkpoints) | {requests})
     samples = [sample(0, 0.0)]
     sent = done = errors = 0

@@ -14,15 +14,14 @@ import asyncio
 import pytest
 
 from bench.loadgen import Run, closed_loop
+from tests.http_stub import read_request
 
 
 async def against_a_server(requests: int, concurrency: int) -> Run:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-                await reader.readexactly(length)
+                await read_request(reader)
                 await asyncio.sleep(0.005)
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
         except asyncio.IncompleteReadError:

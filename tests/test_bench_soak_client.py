@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 
 from bench.soak import Sample, soak
+from tests.http_stub import read_request
 
 
 async def serve_and_soak(requests: int, concurrency: int) -> tuple[int, int, list[int], int]:
@@ -23,9 +24,7 @@ async def serve_and_soak(requests: int, concurrency: int) -> tuple[int, int, lis
         nonlocal read, open_now, most
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-                await reader.readexactly(length)
+                await read_request(reader)
                 read += 1
                 open_now += 1
                 most = max(most, open_now)
