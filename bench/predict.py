@@ -70,7 +70,11 @@ class LoadResult:
         return float(np.percentile(self.latencies_ms, q))
 
 
-def register_model(tmp: Path) -> str:
+def register_model(tmp: Path, arch: str = ARCH, image_size: int = IMAGE_SIZE) -> str:
+    """The benchmark's model (random weights, NUM_CLASSES classes) as a bundle with an
+    INT8 graph. `arch` and `image_size` other than the defaults give a model that costs
+    less per image, to see the service on a CPU as fast, relative to the model, as a
+    faster machine would be (BENCHMARKS.md, "A cheaper model")."""
     import torch
 
     from lantern.core.preprocess import PreprocessSpec
@@ -79,13 +83,13 @@ def register_model(tmp: Path) -> str:
     from models.network import build_model
 
     torch.manual_seed(0)
-    model = build_model(ARCH, NUM_CLASSES, weights="none")
+    model = build_model(arch, NUM_CLASSES, weights="none")
     ckpt = save_checkpoint(
         tmp / "bench.pt",
         model,
-        architecture=ARCH,
+        architecture=arch,
         class_names=[f"class{i}" for i in range(NUM_CLASSES)],
-        spec=PreprocessSpec(crop_size=IMAGE_SIZE, resize_size=IMAGE_SIZE),
+        spec=PreprocessSpec(crop_size=image_size, resize_size=image_size),
         training={"mode": "none", "dataset": "random weights (benchmark)"},
         # Not evaluated: chance level for 10 classes. (save_bundle cannot store None yet.)
         metrics={"accuracy": 1 / NUM_CLASSES},
@@ -144,7 +148,8 @@ def bench_ort(tag: str, budget_s: float, precision: str) -> dict[int, tuple[floa
     bundle = load_bundle(tag)
     session = create_session(graph_path(bundle, precision), provider="auto")
     rng = np.random.default_rng(0)
-    inputs = {b: rng.standard_normal((b, 3, IMAGE_SIZE, IMAGE_SIZE), np.float32) for b in BATCHES}
+    size = bundle.preprocess.crop_size
+    inputs = {b: rng.standard_normal((b, 3, size, size), np.float32) for b in BATCHES}
     return {b: time_batches(lambda n: run(session, inputs[n]), b, budget_s) for b in BATCHES}
 
 
@@ -162,13 +167,14 @@ def bench_ort_streams(
     import psutil
 
     rng = np.random.default_rng(0)
+    size = bundle.preprocess.crop_size
     me = psutil.Process()
     rates = {}
     for b in BATCHES:
         cpu = _cpu_seconds([me])
         rates[b], images = streams_rate(
             session,
-            rng.standard_normal((b, 3, IMAGE_SIZE, IMAGE_SIZE), np.float32),
+            rng.standard_normal((b, 3, size, size), np.float32),
             usable_cpus(),
             budget_s,
         )

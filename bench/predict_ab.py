@@ -2,6 +2,8 @@
 
     git worktree add /tmp/before <commit>
     .venv/bin/python -m bench.predict_ab /tmp/before .      # before vs after a change
+    .venv/bin/python -m bench.predict_ab /tmp/before . --precision int8 --concurrency 32 \
+        --arch resnet18 --image-size 160                    # a model as cheap as on a fast CPU
 
 Both trees are served by this venv's `lantern serve` (each from its own working directory,
 so its own code), with the same registered ResNet-50 (random weights, fp32, 224 px), the
@@ -54,9 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=240)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--precision", choices=("fp32", "int8"), default="fp32")
+    parser.add_argument("--arch", choices=("resnet18", "resnet34", "resnet50"), default=ARCH)
+    parser.add_argument("--image-size", type=int, default=IMAGE_SIZE)
     args = parser.parse_args(argv)
     tmp = use_temporary_store("lantern-bench-ab-")
-    tag = register_model(tmp)  # the version with the INT8 graph too
+    tag = register_model(tmp, args.arch, args.image_size)  # with the INT8 graph too
     images = make_jpegs(32)
     trees = {"a": args.a.resolve(), "b": args.b.resolve()}
     results: dict[str, list[tuple[float, float, float]]] = {"a": [], "b": []}
@@ -85,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"server CPU {cpu_ms:.1f} ms and {faults:.0f} page faults per image"
             )
     print(
-        f"{ARCH} {IMAGE_SIZE} px {args.precision}, concurrency {args.concurrency}, per round: "
+        f"{args.arch} {args.image_size} px {args.precision}, concurrency {args.concurrency}, "
+        "per round: "
         "images/s; server CPU ms per image; minor page faults per image"
     )
     for side, values in results.items():

@@ -4,10 +4,14 @@ round on the same machine.
 
     .venv/bin/python -m bench.predict_ratio                         # INT8, concurrency 32
     .venv/bin/python -m bench.predict_ratio --precision fp32 --rounds 7
+    .venv/bin/python -m bench.predict_ratio --arch resnet18 --image-size 160   # a cheaper model
 
 `bench.predict` measures the raw rates once and the service once, minutes apart; on a
 shared 2-vCPU machine either can move by 10-15 % between runs, so one run's ratio is good
-to about ±0.1 (BENCHMARKS.md, "ONNX Runtime's memory arena"). Here one `lantern serve`
+to about ±0.1 (BENCHMARKS.md, "ONNX Runtime's memory arena"). `--arch` and `--image-size`
+register a cheaper model instead of the 224 px ResNet-50: on a slow CPU, a model that costs
+what ResNet-50 costs on a fast one, so the work outside the model weighs as much as it
+would there. Here one `lantern serve`
 stays up (warmed up once) while every round measures both: raw ONNX Runtime in this
 process, as `bench.predict` does it (the all-cores session and the model streams, batch 1,
 8 and 32, `--seconds` each; the round's best of them is the yardstick), and
@@ -26,6 +30,8 @@ import statistics
 import sys
 
 from bench.predict import (
+    ARCH,
+    IMAGE_SIZE,
     LoadResult,
     bench_ort,
     bench_ort_streams,
@@ -61,12 +67,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--requests", type=int, default=320, help="service requests per round")
     p.add_argument("--seconds", type=float, default=6.0, help="per raw configuration per round")
+    p.add_argument("--arch", choices=("resnet18", "resnet34", "resnet50"), default=ARCH)
+    p.add_argument("--image-size", type=int, default=IMAGE_SIZE)
     args = p.parse_args(argv)
 
     tmp = use_temporary_store() / "work"
     tmp.mkdir(parents=True, exist_ok=True)
-    print(f"{machine()}; registering the benchmark's ResNet-50 ...", flush=True)
-    tag = register_model(tmp)
+    print(f"{machine()}; registering a {args.arch} at {args.image_size} px ...", flush=True)
+    tag = register_model(tmp, args.arch, args.image_size)
     images = make_jpegs(16)
     port = free_port()
     proc = start_server(tag, port, serve_log(tmp, args.precision), args.precision)
@@ -101,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         proc.terminate()
         proc.wait(timeout=30)
     print(
-        f"{args.precision}, concurrency {args.concurrency}, {args.rounds} rounds: service/raw "
+        f"{args.arch} {args.image_size} px {args.precision}, concurrency {args.concurrency}, "
+        f"{args.rounds} rounds: service/raw "
         f"median {statistics.median(ratios):.2f}x (rounds {min(ratios):.2f}-{max(ratios):.2f}x)"
     )
     return 0

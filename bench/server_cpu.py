@@ -24,6 +24,8 @@ import sys
 from pathlib import Path
 
 from bench.predict import (
+    ARCH,
+    IMAGE_SIZE,
     _process_tree,
     free_port,
     launch_server,
@@ -40,13 +42,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--requests", type=int, default=400)
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
+    p.add_argument("--arch", choices=("resnet18", "resnet34", "resnet50"), default=ARCH)
+    p.add_argument("--image-size", type=int, default=IMAGE_SIZE)
     args = p.parse_args(argv)
     extra = dict(item.split("=", 1) for item in args.env)
 
     tmp = use_temporary_store() / "work"
     tmp.mkdir(parents=True, exist_ok=True)
-    print("registering the benchmark's ResNet-50 in a temporary model store ...", flush=True)
-    tag = register_model(tmp)
+    print(f"registering a {args.arch} at {args.image_size} px in a temporary model store ...")
+    tag = register_model(tmp, args.arch, args.image_size)
     env = {
         **os.environ,
         **extra,
