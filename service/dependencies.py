@@ -41,7 +41,10 @@ class PredictionService(Protocol):
     def probabilities(self, batch: np.ndarray) -> np.ndarray: ...
 
 
-def current_service(request: Request) -> PredictionService:
+async def current_service(request: Request) -> PredictionService:
+    # `async def`, though it awaits nothing: FastAPI runs a plain `def` dependency in its
+    # thread pool, a thread hand-off and back on every request for one attribute read
+    # (~7 % of the event loop's CPU under /predict load; BENCHMARKS.md, "A cheaper model").
     service: PredictionService | None = getattr(request.app.state, "lantern", None)
     if service is None:
         raise RuntimeError("the Lantern service has not started (app.state.lantern is unset)")
