@@ -1,4 +1,4 @@
-"""What stands in front of every route, BentoML's own included: API keys and metric labels.
+"""What stands in front of every route, BentoML's own included: API keys, metric labels, tracing.
 
 BentoML builds one Starlette app per worker. Its middleware stack, outermost first, is
 (bentoml 1.4, `_bentoml_impl.server.app.ServiceAppFactory.middlewares`):
@@ -127,6 +127,32 @@ def install_templated_metrics() -> bool:
 
     instruments.RunnerTrafficMetricsMiddleware = TemplatedTrafficMetrics  # type: ignore[misc]
     return True
+
+
+# --- tracing ------------------------------------------------------------------------------
+
+
+def tracing_config() -> dict[str, Any]:
+    """The `tracing` part of the service's BentoML config: every URL excluded from
+    BentoML's OpenTelemetry middleware unless a trace exporter is configured
+    (`tracing.exporter_type` in BENTOML_CONFIG or BENTOML_CONFIG_OPTIONS; unset by default).
+
+    Without an exporter BentoML's tracer provider has no span processor, so no span is
+    ever exported, yet its middleware still starts a span, wraps `receive` and `send` and
+    sets attributes on every request: the largest single Python cost of a /predict on the
+    event loop, ~14 % of its CPU (BENCHMARKS.md, "A cheaper model"). An excluded-URL
+    pattern that every URL matches makes it pass each request straight through. The one
+    thing that goes with the span: BentoML's `X-BentoML-Request-ID` header on the /v1
+    routes, which it takes from the span's id; Lantern's own `X-Request-ID`
+    (RequestIdMiddleware) is on every response. With an exporter configured, this adds
+    nothing and requests are traced as before.
+    """
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    # The user's configuration, which bentoml has read by the time it is imported.
+    if BentoMLContainer.config.tracing.exporter_type.get():
+        return {}
+    return {"excluded_urls": "."}  # a regular expression that every URL contains
 
 
 # --- API keys -----------------------------------------------------------------------------

@@ -35,7 +35,12 @@ from service.api import BatchPrediction, Prediction, app
 from service.batcher import MicroBatcher
 from service.error_bodies import ErrorBodies
 from service.explanations import Explanations
-from service.gateway import ApiKeyMiddleware, RequestIdMiddleware, install_templated_metrics
+from service.gateway import (
+    ApiKeyMiddleware,
+    RequestIdMiddleware,
+    install_templated_metrics,
+    tracing_config,
+)
 from service.memory import (
     ArenaShrinker,
     MallocTrimmer,
@@ -83,6 +88,8 @@ patch_timeout_middleware()
     name="lantern",
     workers=1,  # one ONNX Runtime session already uses every core
     traffic={"timeout": 300},
+    # No OpenTelemetry span per request unless a trace exporter is configured.
+    tracing=tracing_config(),
 )
 class Lantern:
     """Lantern: image classification from the registered ONNX model."""
