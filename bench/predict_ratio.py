@@ -44,13 +44,12 @@ from bench.predict import (
     start_server,
 )
 from bench.store import use_temporary_store
+from service.classifier import usable_cpus
 
 
 def raw_rates(tag: str, precision: str, seconds: float) -> dict[str, float]:
     """Images/s of the graph per way of running it: "all cores, batch b" and "N streams,
     batch b" (bench.predict's two yardsticks)."""
-    from service.classifier import usable_cpus
-
     rates = {
         f"all cores, batch {b}": rate for b, (rate, _) in bench_ort(tag, seconds, precision).items()
     }
@@ -80,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     proc = start_server(tag, port, serve_log(tmp, args.precision), args.precision)
     url = f"http://127.0.0.1:{port}"
     ratios: list[float] = []
+    caps: list[float] = []  # what the cores allow the service, over raw, per round
+    cores = usable_cpus()
     try:
         # Warm-up: thread pools, allocator growth, ONNX Runtime's first batched shapes.
         asyncio.run(load(url, images, args.concurrency, 2 * args.concurrency, args.precision))
@@ -106,6 +107,16 @@ def main(argv: list[str] | None = None) -> int:
                 f"({best}): {ratios[-1]:.2f}x",
                 flush=True,
             )
+            if service.server_cpu_ms:
+                # What the cores allow at the CPU the server spent per image: a bound on
+                # images/s that does not depend on how the ends of a round are counted.
+                cap = cores * 1000 / service.server_cpu_ms
+                caps.append(cap / raw[best])
+                print(
+                    f"  {cores} cores at {service.server_cpu_ms:.1f} ms per image allow "
+                    f"{cap:.1f} images/s: {caps[-1]:.2f}x raw",
+                    flush=True,
+                )
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -113,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.arch} {args.image_size} px {args.precision}, concurrency {args.concurrency}, "
         f"{args.rounds} rounds: service/raw "
         f"median {statistics.median(ratios):.2f}x (rounds {min(ratios):.2f}-{max(ratios):.2f}x)"
+        + (f"; the cores allow median {statistics.median(caps):.2f}x" if caps else "")
     )
     return 0
 
