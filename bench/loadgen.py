@@ -88,43 +88,18 @@ async def read_answer(reader: asyncio.StreamReader) -> Answer:
 class Run:
     seconds: float  # from the first request out to the last answer in
     latencies_ms: list[float]
-    answered_s: list[float]  # when each answer came in, from the first request out, in order
-    concurrency: int
-
-    @property
-    def steady_window(self) -> tuple[int, float] | None:
-        """(answers, seconds) of the closed loop in steady state, or None for a run too
-        short to have one (no more than twice `concurrency` requests).
-
-        The window runs from the `concurrency`-th answer to the `requests - concurrency`-th.
-        Before it is the start, where every user's first upload arrives at once, they are
-        all decoded before any can be batched, and the first batches take what is ready;
-        after it the last request goes out and the drain begins, where fewer requests are
-        left than users. Both ends are answers, which a server sends at the end of a batch,
-        so neither cuts a batch in two."""
-        c, n = self.concurrency, len(self.answered_s)
-        if n <= 2 * c:
-            return None
-        return n - 2 * c, self.answered_s[n - c - 1] - self.answered_s[c - 1]
+    steady_answers: int  # answers in before the last request went out ...
+    steady_seconds: float  # ... and the time until then
 
     @property
     def steady_throughput(self) -> float:
-        """Answers per second in the steady window; all answers over all the time when
-        there is none."""
-        window = self.steady_window
-        if window is None or window[1] <= 0:
-            return len(self.latencies_ms) / self.seconds
-        return window[0] / window[1]
-
-    @property
-    def from_start_throughput(self) -> float:
-        """Answers per second from the first request out until the last one goes out (the
-        benchmarks' figure before the steady window, 4d97a7b: the start counted, the
-        drain not); all answers over all the time when every request went out at once."""
-        c, n = self.concurrency, len(self.answered_s)
-        if n <= c or self.answered_s[n - c - 1] <= 0:
-            return len(self.latencies_ms) / self.seconds
-        return (n - c) / self.answered_s[n - c - 1]
+        """Answers per second while every user had a request out: the closed loop at its
+        concurrency, without the drain at the end, where fewer and fewer requests are left
+        and the server idles part of its cores (a whole batch's time of one model stream
+        on a slow CPU). All requests over all the time when there was no such stretch."""
+        if self.steady_answers and self.steady_seconds > 0:
+            return self.steady_answers / self.steady_seconds
+        return len(self.latencies_ms) / self.seconds
 
 
 async def closed_loop(
@@ -140,22 +115,22 @@ async def closed_loop(
     `precision` (when given)."""
     host, port, encoded = upload_requests(url, path, images)
     latencies: list[float] = []
-    answered: list[float] = []
     next_index = 0
+    steady: tuple[int, float] = (0, 0.0)
 
     async def user() -> None:
-        nonlocal next_index
+        nonlocal next_index, steady
         reader, writer = await asyncio.open_connection(host, port)
         try:
             while next_index < requests:
                 i = next_index
                 next_index += 1
                 t0 = time.perf_counter()
+                if next_index == requests:  # the last one: the drain starts
+                    steady = (len(latencies), t0 - start)
                 writer.write(encoded[i % len(encoded)])
                 answer = await read_answer(reader)
-                t1 = time.perf_counter()
-                latencies.append((t1 - t0) * 1000)
-                answered.append(t1 - start)
+                latencies.append((time.perf_counter() - t0) * 1000)
                 if answer.status != 200:
                     raise RuntimeError(f"{path} answered {answer.status}: {answer.body[:300]!r}")
                 if precision and json.loads(answer.body)["precision"] != precision:
@@ -165,4 +140,4 @@ async def closed_loop(
 
     start = time.perf_counter()
     await asyncio.gather(*(user() for _ in range(concurrency)))
-    return Run(time.perf_counter() - start, latencies, answered, concurrency)
+    return Run(time.perf_counter() - start, latencies, *steady)

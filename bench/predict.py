@@ -59,12 +59,11 @@ class LoadResult:
     server_cpu_ms: float | None = None  # CPU the server's processes spent per request
     client_cpu_ms: float | None = None  # CPU the load generator spent per request
     steady_throughput: float | None = None  # bench.loadgen.Run.steady_throughput
-    from_start_throughput: float | None = None  # bench.loadgen.Run.from_start_throughput
 
     @property
     def throughput(self) -> float:
-        """Images/s at the concurrency in steady state (the start and the drain at the end
-        left out, bench.loadgen.Run.steady_window) when measured so."""
+        """Images/s at the concurrency: while every user had a request out (the drain at
+        the end left out, bench.loadgen.Run.steady_throughput) when measured so."""
         return self.steady_throughput or self.requests / self.seconds
 
     def percentile(self, q: float) -> float:
@@ -352,7 +351,6 @@ async def load(
         run.latencies_ms,
         mean_batch,
         steady_throughput=run.steady_throughput,
-        from_start_throughput=run.from_start_throughput,
         server_cpu_ms=server_cpu / requests * 1000 if server else None,
         client_cpu_ms=client_cpu / requests * 1000,
     )

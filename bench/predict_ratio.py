@@ -99,8 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             ratios.append(service.throughput / raw[best])
             print(
                 f"round {round_ + 1}: service {service.throughput:.1f} images/s "
-                f"({service.from_start_throughput or 0:.1f} from the start, "
-                f"{service.requests / service.seconds:.1f} with the drain; mean batch "
+                f"({service.requests / service.seconds:.1f} with the drain; mean batch "
                 f"{service.mean_batch or 0:.1f}, server CPU "
                 f"{service.server_cpu_ms or 0:.1f} ms, load generator CPU "
                 f"{service.client_cpu_ms or 0:.1f} ms per image), raw best {raw[best]:.1f} "
