@@ -70,6 +70,15 @@ class LoadResult:
         return float(np.percentile(self.latencies_ms, q))
 
 
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--arch` and `--image-size`: which random-weight model a benchmark registers (the
+    224 px ResNet-50 by default; a cheaper one stands in for a faster CPU)."""
+    from models.network import ARCHITECTURES
+
+    parser.add_argument("--arch", choices=ARCHITECTURES, default=ARCH)
+    parser.add_argument("--image-size", type=int, default=IMAGE_SIZE)
+
+
 def register_model(tmp: Path, arch: str = ARCH, image_size: int = IMAGE_SIZE) -> str:
     """The benchmark's model (random weights, NUM_CLASSES classes) as a bundle with an
     INT8 graph. `arch` and `image_size` other than the defaults give a model that costs

@@ -25,8 +25,7 @@ import sys
 from pathlib import Path
 
 from bench.predict import (
-    ARCH,
-    IMAGE_SIZE,
+    add_model_arguments,
     free_port,
     launch_server,
     load,
@@ -56,8 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=240)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--precision", choices=("fp32", "int8"), default="fp32")
-    parser.add_argument("--arch", choices=("resnet18", "resnet34", "resnet50"), default=ARCH)
-    parser.add_argument("--image-size", type=int, default=IMAGE_SIZE)
+    add_model_arguments(parser)
     args = parser.parse_args(argv)
     tmp = use_temporary_store("lantern-bench-ab-")
     tag = register_model(tmp, args.arch, args.image_size)  # with the INT8 graph too

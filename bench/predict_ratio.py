@@ -30,9 +30,8 @@ import statistics
 import sys
 
 from bench.predict import (
-    ARCH,
-    IMAGE_SIZE,
     LoadResult,
+    add_model_arguments,
     bench_ort,
     bench_ort_streams,
     free_port,
@@ -44,7 +43,7 @@ from bench.predict import (
     start_server,
 )
 from bench.store import use_temporary_store
-from service.classifier import usable_cpus
+from lantern.core.cpus import usable_cpus
 
 
 def raw_rates(tag: str, precision: str, seconds: float) -> dict[str, float]:
@@ -66,8 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--requests", type=int, default=320, help="service requests per round")
     p.add_argument("--seconds", type=float, default=6.0, help="per raw configuration per round")
-    p.add_argument("--arch", choices=("resnet18", "resnet34", "resnet50"), default=ARCH)
-    p.add_argument("--image-size", type=int, default=IMAGE_SIZE)
+    add_model_arguments(p)
     args = p.parse_args(argv)
 
     tmp = use_temporary_store() / "work"

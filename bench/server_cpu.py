@@ -24,9 +24,8 @@ import sys
 from pathlib import Path
 
 from bench.predict import (
-    ARCH,
-    IMAGE_SIZE,
     _process_tree,
+    add_model_arguments,
     free_port,
     launch_server,
     load,
@@ -42,8 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--requests", type=int, default=400)
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
-    p.add_argument("--arch", choices=("resnet18", "resnet34", "resnet50"), default=ARCH)
-    p.add_argument("--image-size", type=int, default=IMAGE_SIZE)
+    add_model_arguments(p)
     args = p.parse_args(argv)
     extra = dict(item.split("=", 1) for item in args.env)
 

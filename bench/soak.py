@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.predict import free_port, launch_server
+from bench.predict import add_model_arguments, free_port, launch_server
 from bench.store import use_temporary_store
 
 # Upload sizes, cycled: thumbnails to full-HD camera frames, landscape and portrait.
@@ -480,8 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--requests", type=int, default=10_000)
     p.add_argument("--concurrency", type=int, default=32)
-    p.add_argument("--arch", default="resnet50", choices=("resnet18", "resnet34", "resnet50"))
-    p.add_argument("--image-size", type=int, default=224)
+    add_model_arguments(p)
     p.add_argument("--model", help="serve this registered tag from the current BENTOML_HOME")
     p.add_argument(
         "--env",
