@@ -6,6 +6,8 @@ they are written to the multiprocess directory that /metrics aggregates.
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Any
 
 from lantern.core.bundle import Bundle
@@ -38,11 +40,27 @@ def record_model_info(
     info.set(1)
 
 
+def declare_metrics() -> None:
+    """Create the prediction metrics now, at 0, so /metrics shows every series from the
+    start rather than only after the first prediction (a rate over an absent series is
+    no rate at all)."""
+    _batch_metrics()
+    _cpu_metrics()
+    _worker_cpu()
+
+
 def record_batch(images: int, queue_waits_s: list[float]) -> None:
     """One model call: lantern_batch_size (images), lantern_queue_wait_seconds (per request)."""
-    import prometheus_client
+    batch_size, queue_wait = _batch_metrics()
+    batch_size.observe(images)
+    for wait in queue_waits_s:
+        queue_wait.observe(wait)
 
+
+def _batch_metrics() -> tuple[Any, Any]:
     if "batch_size" not in _metrics:
+        import prometheus_client
+
         _metrics["batch_size"] = prometheus_client.Histogram(
             "lantern_batch_size",
             "Images per model call (concurrent requests are batched together).",
@@ -53,6 +71,68 @@ def record_batch(images: int, queue_waits_s: list[float]) -> None:
             "How long a request waited for the model before its batch started.",
             buckets=QUEUE_WAIT_BUCKETS,
         )
-    _metrics["batch_size"].observe(images)
-    for wait in queue_waits_s:
-        _metrics["queue_wait"].observe(wait)
+    return _metrics["batch_size"], _metrics["queue_wait"]
+
+
+# What a prediction costs the API worker's CPU, stage by stage: an operator divides by the
+# images run (lantern_batch_size_sum) to see, on their own hardware, what an image costs
+# beyond the model and so how close the service can come to its runtime (BENCHMARKS.md).
+CPU_STAGES = ("event_loop", "decode", "preprocess", "model")
+
+
+def record_cpu(stage: str, seconds: float) -> None:
+    """Add `seconds` of CPU to lantern_cpu_seconds_total{stage} (one of CPU_STAGES)."""
+    if stage not in CPU_STAGES:
+        raise ValueError(f"stage must be one of {', '.join(CPU_STAGES)}, not {stage!r}")
+    _cpu_metrics()[stage].inc(seconds)
+
+
+def _cpu_metrics() -> dict[str, Any]:
+    if "cpu" not in _metrics:
+        import prometheus_client
+
+        counter = prometheus_client.Counter(
+            "lantern_cpu_seconds",
+            "CPU the API worker spent on predictions, by stage: event_loop (the thread that "
+            "runs HTTP, middleware, multipart parsing, JSON and batching), decode, "
+            "preprocess, model (the threads that call the model; the own threads of the "
+            "session that runs a lone request on every core are not counted).",
+            labelnames=["stage"],
+        )
+        _metrics["cpu"] = {name: counter.labels(name) for name in CPU_STAGES}
+    return _metrics["cpu"]
+
+
+class WorkerCpu:
+    """Records, from the event loop's thread, the CPU that thread and the whole worker
+    process have used since the previous reading: lantern_cpu_seconds_total{stage=
+    "event_loop"} and lantern_worker_cpu_seconds_total (every thread of the process, so
+    what the stages leave out is the difference). The first reading only sets the
+    baseline: model loading and warm-up are not a prediction's cost."""
+
+    def __init__(self) -> None:
+        self._thread: int | None = None
+        self._loop = 0.0
+        self._process = 0.0
+
+    def record(self) -> None:
+        now_loop, now_process = time.thread_time(), time.process_time()
+        thread = threading.get_ident()
+        if self._thread == thread:
+            record_cpu("event_loop", now_loop - self._loop)
+            _worker_cpu().inc(now_process - self._process)
+        # A reading from any other thread would subtract two threads' clocks; it starts
+        # a new baseline instead (called from the event loop only, that never happens).
+        self._thread, self._loop, self._process = thread, now_loop, now_process
+
+
+def _worker_cpu() -> Any:
+    if "worker_cpu" not in _metrics:
+        import prometheus_client
+
+        _metrics["worker_cpu"] = prometheus_client.Counter(
+            "lantern_worker_cpu_seconds",
+            "CPU of every thread of the API worker process while it served predictions "
+            "(lantern_cpu_seconds_total gives the stages within it).",
+        )
+    return _metrics["worker_cpu"]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,13 @@ from service.memory import (
     decode_threads,
     patch_timeout_middleware,
 )
-from service.metrics import record_batch, record_model_info
+from service.metrics import (
+    WorkerCpu,
+    declare_metrics,
+    record_batch,
+    record_cpu,
+    record_model_info,
+)
 from service.openapi import OpenAPIDocument
 from service.status_api import ExplainProbe
 from service.uploads import Upload
@@ -140,9 +147,9 @@ class Lantern:
         self.stream_shrinker = ArenaShrinker() if on_ort and self.stream_session else None
         size = self.spec.crop_size
         warm_up = np.zeros((1, 3, size, size), np.float32)
-        self.probabilities(warm_up)
+        self._probabilities(self.session, self.shrinker, warm_up, metered=False)
         if self.stream_session is not None:
-            self.stream_probabilities(warm_up)
+            self._probabilities(self.stream_session, self.stream_shrinker, warm_up, metered=False)
         log.info(
             "model %s loaded on %s (runtime %s), precision %s (LANTERN_PRECISION=%s; "
             "INT8 graph: %s); %d model stream(s)",
@@ -170,6 +177,8 @@ class Lantern:
         self.explanations = Explanations(self.settings, self.bundle)
         self.explain_probe = ExplainProbe(self.settings)
         record_model_info(self.bundle, self.precision, self.runtime)
+        declare_metrics()
+        self.worker_cpu = WorkerCpu()
         app.state.lantern = self  # what the routes' `CurrentService` dependency hands them
 
     async def __is_ready__(self) -> bool:
@@ -188,11 +197,14 @@ class Lantern:
 
         Raises service.batcher.Overloaded when the model queue is too long.
         """
-        batch = await anyio.to_thread.run_sync(
-            self.preprocess_uploads, uploads, limiter=self.decode_limiter
-        )
-        probabilities = await self.batcher.submit(batch)
-        return [self.answer(row, k) for row in probabilities]
+        try:
+            batch = await anyio.to_thread.run_sync(
+                self.preprocess_uploads, uploads, limiter=self.decode_limiter
+            )
+            probabilities = await self.batcher.submit(batch)
+            return [self.answer(row, k) for row in probabilities]
+        finally:  # on the event loop's thread: what it and the worker spent until now
+            self.worker_cpu.record()
 
     # --- the BentoML-native door (service.native): bentoml.SyncHTTPClient, bentoml.depends.
     # The same operations as the FastAPI routes, on routes of their own under /v1.
@@ -255,16 +267,32 @@ class Lantern:
         return self._probabilities(self.stream_session, self.stream_shrinker, batch)
 
     def _probabilities(
-        self, session: Any, shrinker: ArenaShrinker | None, batch: np.ndarray
+        self,
+        session: Any,
+        shrinker: ArenaShrinker | None,
+        batch: np.ndarray,
+        *,
+        metered: bool = True,
     ) -> np.ndarray:
         run_options = shrinker.run_options() if shrinker is not None else None
-        probabilities = classifier.softmax(classifier.run(session, batch, run_options))
+        started = time.thread_time()
+        logits = classifier.run(session, batch, run_options)
+        if metered:  # the warm-up at start is not a prediction's cost
+            record_cpu("model", time.thread_time() - started)
+        probabilities = classifier.softmax(logits)
         self.trimmer.maybe_trim()  # between batches: hand freed heap memory back to the OS
         return probabilities
 
     def preprocess_uploads(self, uploads: list[Upload]) -> np.ndarray:
-        images = [self.decode(u) for u in uploads]
-        return self.spec.apply_batch(images)
+        started = time.thread_time()
+        try:
+            images = [self.decode(u) for u in uploads]
+        finally:  # a bad upload's decoding cost CPU too
+            decoded = time.thread_time()
+            record_cpu("decode", decoded - started)
+        batch = self.spec.apply_batch(images)
+        record_cpu("preprocess", time.thread_time() - decoded)
+        return batch
 
     def decode(self, upload: Upload) -> Image.Image:
         # Decoded no larger than the resize needs (large JPEGs at reduced scale).

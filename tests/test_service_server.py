@@ -183,6 +183,48 @@ def test_no_process_of_the_server_loads_torch(lantern_server: Server) -> None:
         assert not loaded, f"process {pid} mapped torch: {sorted(loaded)[:3]}"
 
 
+def cpu_counters(metrics: str) -> dict[str, float]:
+    """lantern_cpu_seconds_total by stage, and lantern_worker_cpu_seconds_total as "worker"."""
+    found = {
+        m.group(1): float(m.group(2))
+        for m in re.finditer(r'^lantern_cpu_seconds_total\{stage="(\w+)"\} (\S+)$', metrics, re.M)
+    }
+    worker = re.search(r"^lantern_worker_cpu_seconds_total (\S+)$", metrics, re.M)
+    assert worker, "no lantern_worker_cpu_seconds_total in /metrics"
+    found["worker"] = float(worker.group(1))
+    return found
+
+
+def test_cpu_by_stage_accrues_per_prediction_and_stays_within_what_the_worker_used(
+    lantern_server: Server,
+) -> None:
+    """Each stage's counter grows with predictions; the stages are parts of the worker's
+    CPU (they never add up to more); and the worker's CPU is no more than the kernel says
+    its process used over a window that contains it (/proc counts in 10 ms ticks)."""
+    from service.metrics import CPU_STAGES
+
+    root = psutil.Process(lantern_server.process.pid)
+    processes = [root, *root.children(recursive=True)]
+    (worker,) = [p for p in processes if "_bentoml_impl.worker.service" in " ".join(p.cmdline())]
+    images = [jpeg((320, 240), seed=s) for s in range(24)]
+    with httpx.Client(base_url=lantern_server.url, timeout=60) as client:
+        kernel_before = sum(worker.cpu_times()[:2])
+        # The window opens at this request's end (the first reading after start only sets
+        # a baseline), inside the kernel's window.
+        assert client.post("/predict", files={"image": ("0.jpg", images[0])}).status_code == 200
+        before = cpu_counters(client.get("/metrics").text)
+        for i, data in enumerate(images):
+            r = client.post("/predict", files={"image": (f"{i}.jpg", data)})
+            assert r.status_code == 200, r.text
+        after = cpu_counters(client.get("/metrics").text)
+        kernel = sum(worker.cpu_times()[:2]) - kernel_before
+    spent = {name: after[name] - before.get(name, 0.0) for name in after}
+    assert set(CPU_STAGES) <= set(spent), spent
+    assert all(spent[stage] > 0 for stage in CPU_STAGES), spent
+    assert sum(spent[stage] for stage in CPU_STAGES) <= spent["worker"], spent
+    assert spent["worker"] <= kernel + 0.03, (spent, kernel)
+
+
 def test_every_process_of_the_server_runs_with_the_malloc_settings(lantern_server: Server) -> None:
     # glibc reads them once, at the start of a process: they must be in the environment
     # `lantern serve` execs the server with, and reach the worker it forks.
