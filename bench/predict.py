@@ -324,6 +324,20 @@ def batch_counters(metrics: str) -> tuple[float, float]:
     return total, count
 
 
+def cpu_counters(metrics: str) -> dict[str, float]:
+    """The service's CPU counters: lantern_cpu_seconds_total by stage (event_loop, decode,
+    preprocess, model) and lantern_worker_cpu_seconds_total as "worker"."""
+    found: dict[str, float] = {}
+    for line in metrics.splitlines():
+        m = re.match(r'lantern_cpu_seconds_total\{stage="(\w+)"\}\s+(\S+)$', line)
+        if m:
+            found[m.group(1)] = found.get(m.group(1), 0.0) + float(m.group(2))
+        m = re.match(r"lantern_worker_cpu_seconds_total\s+(\S+)$", line)
+        if m:
+            found["worker"] = found.get("worker", 0.0) + float(m.group(1))
+    return found
+
+
 async def load(
     url: str,
     images: list[bytes],

@@ -6,9 +6,11 @@
 Registers the benchmark's ResNet-50 (bench.predict: random weights, an INT8 graph) in a
 temporary model store, starts `lantern serve`, warms it up, then sends `--requests`
 closed-loop POST /predict at `--concurrency` (bench.loadgen) and prints, per image: the
-CPU of the server's event-loop thread (the process's main thread) and of each other
-thread, the kernel's share of it (system CPU), the minor page faults, and the largest
-RSS of the server's processes at the end. `--env NAME=VALUE` (repeatable) sets a variable
+worker's CPU by stage as the service itself counts it on /metrics (event loop, decode,
+preprocess, model, and what the worker spent outside them), the CPU of the server's
+event-loop thread (the process's main thread) and of each other thread, the kernel's
+share of it (system CPU), the minor page faults, and the largest RSS of the server's
+processes at the end. `--env NAME=VALUE` (repeatable) sets a variable
 for the server only, to compare allocator settings. Sampling profilers (py-spy) count a
 thread that is page-faulting as running its Python frame, so faults and system time only
 show up here. This is how the page faults of ONNX Runtime without its memory arena were
@@ -23,9 +25,12 @@ import os
 import sys
 from pathlib import Path
 
+import httpx
+
 from bench.predict import (
     _process_tree,
     add_model_arguments,
+    cpu_counters,
     free_port,
     launch_server,
     load,
@@ -33,6 +38,7 @@ from bench.predict import (
     register_model,
 )
 from bench.store import use_temporary_store
+from service.metrics import CPU_STAGES
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,9 +69,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         asyncio.run(load(url, images, 4, 32, args.precision))  # warm-up
+        stages0 = cpu_counters(httpx.get(url + "/metrics").text)
         threads0, system0, faults0 = snapshot(proc.pid)
         result = asyncio.run(load(url, images, args.concurrency, args.requests, args.precision))
         threads1, system1, faults1 = snapshot(proc.pid)
+        stages1 = cpu_counters(httpx.get(url + "/metrics").text)
         rss = max(process.memory_info().rss for process in _process_tree(proc.pid)) / 2**20
     finally:
         proc.terminate()
@@ -88,6 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"    of which system (kernel)  {(system1 - system0) * 1000 / n:7.2f} ms")
     print(f"  minor page faults per image {(faults1 - faults0) / n:7.0f}")
     print(f"  largest RSS at the end      {rss:7.0f} MiB")
+    print("  the worker's CPU by stage, per image (lantern_cpu_seconds_total on /metrics):")
+    stages = {name: stages1[name] - stages0.get(name, 0.0) for name in stages1}
+    for name in (*CPU_STAGES, "worker"):
+        print(f"    {name:<26} {stages.get(name, 0.0) * 1000 / n:7.2f} ms")
+    rest = stages.get("worker", 0.0) - sum(stages.get(name, 0.0) for name in CPU_STAGES)
+    print(f"    {'worker, outside the stages':<26} {rest * 1000 / n:7.2f} ms")
     print("  threads, CPU and minor page faults per image (the event loop is the main thread):")
     for seconds, thread_faults, (pid, tid) in threads:
         if seconds * 1000 / n >= 0.1:
