@@ -59,6 +59,8 @@ class LoadResult:
     server_cpu_ms: float | None = None  # CPU the server's processes spent per request
     client_cpu_ms: float | None = None  # CPU the load generator spent per request
     steady_throughput: float | None = None  # bench.loadgen.Run.steady_throughput
+    # The worker's CPU per request by stage, as the service counts it (cpu_counters).
+    stage_cpu_ms: dict[str, float] | None = None
 
     @property
     def throughput(self) -> float:
@@ -324,6 +326,16 @@ def batch_counters(metrics: str) -> tuple[float, float]:
     return total, count
 
 
+def describe_stages(stage_cpu_ms: dict[str, float]) -> str:
+    """ "event loop 0.9, decode 0.4, preprocess 1.1, model 21.9, outside 0.2 ms": the
+    worker's CPU per image by stage, and what the worker spent outside the stages."""
+    from service.metrics import CPU_STAGES
+
+    parts = [f"{name.replace('_', ' ')} {stage_cpu_ms.get(name, 0.0):.1f}" for name in CPU_STAGES]
+    outside = stage_cpu_ms.get("worker", 0.0) - sum(stage_cpu_ms.get(n, 0.0) for n in CPU_STAGES)
+    return ", ".join([*parts, f"outside {outside:.1f} ms"])
+
+
 def cpu_counters(metrics: str) -> dict[str, float]:
     """The service's CPU counters: lantern_cpu_seconds_total by stage (event_loop, decode,
     preprocess, model) and lantern_worker_cpu_seconds_total as "worker"."""
@@ -357,16 +369,22 @@ async def load(
     server = _process_tree(server_pid) if server_pid else []
     client = psutil.Process()
     async with httpx.AsyncClient(base_url=url, timeout=120) as http:
-        before = batch_counters((await http.get("/metrics")).text)
+        metrics_before = (await http.get("/metrics")).text
         server_cpu, client_cpu = _cpu_seconds(server), _cpu_seconds([client])
         run = await closed_loop(url, images, concurrency, requests, precision)
         server_cpu, client_cpu = (
             _cpu_seconds(server) - server_cpu,
             _cpu_seconds([client]) - client_cpu,
         )
-        after = batch_counters((await http.get("/metrics")).text)
+        metrics_after = (await http.get("/metrics")).text
+    before, after = batch_counters(metrics_before), batch_counters(metrics_after)
     batches = after[1] - before[1]
     mean_batch = (after[0] - before[0]) / batches if batches else None
+    stages_before, stages_after = cpu_counters(metrics_before), cpu_counters(metrics_after)
+    stage_cpu_ms = {
+        name: (seconds - stages_before.get(name, 0.0)) / requests * 1000
+        for name, seconds in stages_after.items()
+    }
     return LoadResult(
         concurrency,
         requests,
@@ -376,6 +394,7 @@ async def load(
         steady_throughput=run.steady_throughput,
         server_cpu_ms=server_cpu / requests * 1000 if server else None,
         client_cpu_ms=client_cpu / requests * 1000,
+        stage_cpu_ms=stage_cpu_ms or None,  # None from a server without the counters
     )
 
 
@@ -632,8 +651,10 @@ def main(argv: list[str] | None = None) -> int:
 def _cpu_rows(label: str, results: list[LoadResult], raw_cpu_ms: dict[int, float]) -> list[str]:
     """Server CPU per request, split into the model's share (the single-threaded session's CPU per
     image at the nearest batch size to the mean batch served) and everything else
-    (HTTP, multipart, decoding, preprocessing, JSON, the batcher), and the load
-    generator's, which runs on the same cores."""
+    (HTTP, multipart, decoding, preprocessing, JSON, the batcher); the serving worker's
+    own count by stage (lantern_cpu_seconds_total: its model stage leaves out the pool
+    threads of the all-cores session that runs lone requests, so at concurrency 1 most of
+    the model is "outside these"); and the load generator's, which runs on the same cores."""
     server, model, other, client = [], [], [], []
     for r in results:
         nearest = min(raw_cpu_ms, key=lambda b: abs(b - (r.mean_batch or 1)))
@@ -647,10 +668,27 @@ def _cpu_rows(label: str, results: list[LoadResult], raw_cpu_ms: dict[int, float
             f"{v:>11.1f}" if v is not None else f"{'n/a':>11}" for v in values
         )
 
+    def counted(*names: str) -> list[float | None]:
+        """The worker's own count (lantern_cpu_seconds_total) of these stages, per image."""
+        return [
+            sum(r.stage_cpu_ms.get(n, 0.0) for n in names) if r.stage_cpu_ms else None
+            for r in results
+        ]
+
+    worker, stages = counted("worker"), ("event_loop", "decode", "preprocess", "model")
+    outside = [
+        None if w is None or s is None else w - s
+        for w, s in zip(worker, counted(*stages), strict=True)
+    ]
     return [
         row(f"  {label} server, all threads", server),
         row(f"  {label}   of which the model (raw)", model),
         row(f"  {label}   of which the rest", other),
+        row(f"  {label} the worker, as it counts", worker),
+        row(f"  {label}   model", counted("model")),
+        row(f"  {label}   event loop", counted("event_loop")),
+        row(f"  {label}   decode + preprocess", counted("decode", "preprocess")),
+        row(f"  {label}   outside these", outside),
         row(f"  {label} load generator", client),
     ]
 

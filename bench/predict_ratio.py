@@ -34,6 +34,7 @@ from bench.predict import (
     add_model_arguments,
     bench_ort,
     bench_ort_streams,
+    describe_stages,
     free_port,
     load,
     machine,
@@ -114,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"{cap:.1f} images/s: {caps[-1]:.2f}x raw",
                     flush=True,
                 )
+            if service.stage_cpu_ms:
+                print(f"  the worker per image: {describe_stages(service.stage_cpu_ms)}")
     finally:
         proc.terminate()
         proc.wait(timeout=30)

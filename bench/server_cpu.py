@@ -25,12 +25,9 @@ import os
 import sys
 from pathlib import Path
 
-import httpx
-
 from bench.predict import (
     _process_tree,
     add_model_arguments,
-    cpu_counters,
     free_port,
     launch_server,
     load,
@@ -69,11 +66,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         asyncio.run(load(url, images, 4, 32, args.precision))  # warm-up
-        stages0 = cpu_counters(httpx.get(url + "/metrics").text)
         threads0, system0, faults0 = snapshot(proc.pid)
         result = asyncio.run(load(url, images, args.concurrency, args.requests, args.precision))
         threads1, system1, faults1 = snapshot(proc.pid)
-        stages1 = cpu_counters(httpx.get(url + "/metrics").text)
         rss = max(process.memory_info().rss for process in _process_tree(proc.pid)) / 2**20
     finally:
         proc.terminate()
@@ -97,11 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  minor page faults per image {(faults1 - faults0) / n:7.0f}")
     print(f"  largest RSS at the end      {rss:7.0f} MiB")
     print("  the worker's CPU by stage, per image (lantern_cpu_seconds_total on /metrics):")
-    stages = {name: stages1[name] - stages0.get(name, 0.0) for name in stages1}
+    stages = result.stage_cpu_ms or {}
     for name in (*CPU_STAGES, "worker"):
-        print(f"    {name:<26} {stages.get(name, 0.0) * 1000 / n:7.2f} ms")
+        print(f"    {name:<26} {stages.get(name, 0.0):7.2f} ms")
     rest = stages.get("worker", 0.0) - sum(stages.get(name, 0.0) for name in CPU_STAGES)
-    print(f"    {'worker, outside the stages':<26} {rest * 1000 / n:7.2f} ms")
+    print(f"    {'worker, outside the stages':<26} {rest:7.2f} ms")
     print("  threads, CPU and minor page faults per image (the event loop is the main thread):")
     for seconds, thread_faults, (pid, tid) in threads:
         if seconds * 1000 / n >= 0.1:
