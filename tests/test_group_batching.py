@@ -136,8 +136,18 @@ def test_a_worker_killed_mid_group_leaves_every_job_to_another_worker(
     first = start_worker(env, tmp_path / "killed.log")
     worker_processes.append(first)
 
-    # The whole group is marked started by this one worker before its pass begins.
-    wait_for(lambda: registry.count >= n, 90, "the group to be marked started", poll=0.02)
+    # The whole group is marked started by this one worker before its pass begins. Each
+    # job enters StartedJobRegistry a round trip before its status says "started" (as RQ
+    # orders a single job), so the wait is for both: on a fast CPU a kill as soon as the
+    # registry was full caught the last job still "queued", half marked.
+    def group_marked_started() -> bool:
+        with redis_conn.pipeline() as pipe:
+            for job_id in ids:
+                pipe.hget(f"rq:job:{job_id}", "status")
+            statuses = pipe.execute()
+        return registry.count >= n and all(s in (b"started", b"finished") for s in statuses)
+
+    wait_for(group_marked_started, 90, "the group to be marked started", poll=0.02)
     first.send_signal(signal.SIGKILL)
     first.wait(timeout=10)
     statuses = [job_status(redis_conn, job_id, store, settings) for job_id in ids]
