@@ -176,3 +176,53 @@ def test_a_worker_killed_mid_group_leaves_every_job_to_another_worker(
     for job_id in unfinished:
         assert redis_conn.hget(f"rq:job:{job_id}", "retries_left") == b"1"  # one retry spent
     assert registry.get_job_ids() == []
+
+
+def test_a_job_a_dead_worker_claimed_but_had_not_marked_started_is_retried(
+    redis_server: Any, redis_conn: Any, tiny_bundle: Any, tmp_path: Path, worker_processes: list
+) -> None:
+    """A kill can land between the two writes that start a job (the group test above once
+    did, on a fast CPU): the job is in StartedJobRegistry and RQ's intermediate queue, but
+    its status still says queued. The state is built here with RQ's own calls, a worker's
+    dequeue move and prepare_execution, after which that worker does nothing more, as if
+    killed. Maintenance drops the lapsed lease, leaves the job a minute in the intermediate
+    queue (RQ's rule, `IntermediateQueue.should_be_cleaned_up`), then retries it: it
+    finishes, one retry spent."""
+    from rq.intermediate_queue import IntermediateQueue
+    from rq.registry import StartedJobRegistry
+    from rq.serializers import JSONSerializer
+
+    from workers.worker import ExplainWorker, LanternJob
+
+    store_dir = tmp_path / "artifacts"
+    settings = settings_for(redis_server.url, store_dir, job_retries=2)
+    store = DirectoryStore(store_dir)
+    (job_id,) = enqueue_one_image_jobs(redis_conn, store, settings, tiny_bundle, [shape_png(0)])
+    dead = ExplainWorker(redis_conn, settings)
+    queue = dead.queues[0]
+    moved = redis_conn.lmove(queue.key, queue.intermediate_queue_key, "LEFT", "RIGHT")
+    assert moved == job_id.encode()
+    dead.prepare_execution(
+        LanternJob.fetch(job_id, connection=redis_conn, serializer=JSONSerializer)
+    )
+    assert redis_conn.hget(f"rq:job:{job_id}", "status") == b"queued"
+    registry = StartedJobRegistry(settings.queue, connection=redis_conn, serializer=JSONSerializer)
+    assert registry.get_job_ids() == [job_id]
+    wait_for(lambda: registry.get_expired_job_ids(), 30, "the dead worker's lease to lapse")
+
+    env = worker_env(redis_server.url, store_dir, tiny_bundle.tag)
+    first = start_worker(env, tmp_path / "first.log", "--burst")
+    worker_processes.append(first)
+    assert first.wait(timeout=120) == 0, (tmp_path / "first.log").read_text()[-3000:]
+    status = job_status(redis_conn, job_id, store, settings)
+    assert status is not None and status["status"] == JobStatus.QUEUED, status  # not yet
+    intermediate = IntermediateQueue(queue.key, connection=redis_conn)
+    wait_for(lambda: intermediate.should_be_cleaned_up(job_id), 90, "RQ's minute", poll=1)
+
+    second = start_worker(env, tmp_path / "second.log", "--burst")
+    worker_processes.append(second)
+    assert second.wait(timeout=120) == 0, (tmp_path / "second.log").read_text()[-3000:]
+    status = job_status(redis_conn, job_id, store, settings)
+    assert status is not None and status["status"] == JobStatus.FINISHED, status
+    assert redis_conn.hget(f"rq:job:{job_id}", "retries_left") == b"1"
+    assert redis_conn.llen(queue.intermediate_queue_key) == 0
