@@ -326,14 +326,20 @@ def batch_counters(metrics: str) -> tuple[float, float]:
     return total, count
 
 
+def outside_stages(stage_cpu_ms: dict[str, float]) -> float:
+    """What the worker spent outside the stages: its whole count less theirs."""
+    from service.metrics import CPU_STAGES
+
+    return stage_cpu_ms.get("worker", 0.0) - sum(stage_cpu_ms.get(n, 0.0) for n in CPU_STAGES)
+
+
 def describe_stages(stage_cpu_ms: dict[str, float]) -> str:
     """ "event loop 0.9, decode 0.4, preprocess 1.1, model 21.9, outside 0.2 ms": the
     worker's CPU per image by stage, and what the worker spent outside the stages."""
     from service.metrics import CPU_STAGES
 
     parts = [f"{name.replace('_', ' ')} {stage_cpu_ms.get(name, 0.0):.1f}" for name in CPU_STAGES]
-    outside = stage_cpu_ms.get("worker", 0.0) - sum(stage_cpu_ms.get(n, 0.0) for n in CPU_STAGES)
-    return ", ".join([*parts, f"outside {outside:.1f} ms"])
+    return ", ".join([*parts, f"outside {outside_stages(stage_cpu_ms):.1f} ms"])
 
 
 def cpu_counters(metrics: str) -> dict[str, float]:
@@ -675,16 +681,12 @@ def _cpu_rows(label: str, results: list[LoadResult], raw_cpu_ms: dict[int, float
             for r in results
         ]
 
-    worker, stages = counted("worker"), ("event_loop", "decode", "preprocess", "model")
-    outside = [
-        None if w is None or s is None else w - s
-        for w, s in zip(worker, counted(*stages), strict=True)
-    ]
+    outside = [outside_stages(r.stage_cpu_ms) if r.stage_cpu_ms else None for r in results]
     return [
         row(f"  {label} server, all threads", server),
         row(f"  {label}   of which the model (raw)", model),
         row(f"  {label}   of which the rest", other),
-        row(f"  {label} the worker, as it counts", worker),
+        row(f"  {label} the worker, as it counts", counted("worker")),
         row(f"  {label}   model", counted("model")),
         row(f"  {label}   event loop", counted("event_loop")),
         row(f"  {label}   decode + preprocess", counted("decode", "preprocess")),

@@ -32,6 +32,7 @@ from bench.predict import (
     launch_server,
     load,
     make_jpegs,
+    outside_stages,
     register_model,
 )
 from bench.store import use_temporary_store
@@ -95,8 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     stages = result.stage_cpu_ms or {}
     for name in (*CPU_STAGES, "worker"):
         print(f"    {name:<26} {stages.get(name, 0.0):7.2f} ms")
-    rest = stages.get("worker", 0.0) - sum(stages.get(name, 0.0) for name in CPU_STAGES)
-    print(f"    {'worker, outside the stages':<26} {rest:7.2f} ms")
+    print(f"    {'worker, outside the stages':<26} {outside_stages(stages):7.2f} ms")
     print("  threads, CPU and minor page faults per image (the event loop is the main thread):")
     for seconds, thread_faults, (pid, tid) in threads:
         if seconds * 1000 / n >= 0.1:

@@ -183,24 +183,13 @@ def test_no_process_of_the_server_loads_torch(lantern_server: Server) -> None:
         assert not loaded, f"process {pid} mapped torch: {sorted(loaded)[:3]}"
 
 
-def cpu_counters(metrics: str) -> dict[str, float]:
-    """lantern_cpu_seconds_total by stage, and lantern_worker_cpu_seconds_total as "worker"."""
-    found = {
-        m.group(1): float(m.group(2))
-        for m in re.finditer(r'^lantern_cpu_seconds_total\{stage="(\w+)"\} (\S+)$', metrics, re.M)
-    }
-    worker = re.search(r"^lantern_worker_cpu_seconds_total (\S+)$", metrics, re.M)
-    assert worker, "no lantern_worker_cpu_seconds_total in /metrics"
-    found["worker"] = float(worker.group(1))
-    return found
-
-
 def test_cpu_by_stage_accrues_per_prediction_and_stays_within_what_the_worker_used(
     lantern_server: Server,
 ) -> None:
     """Each stage's counter grows with predictions; the stages are parts of the worker's
     CPU (they never add up to more); and the worker's CPU is no more than the kernel says
     its process used over a window that contains it (/proc counts in 10 ms ticks)."""
+    from bench.predict import cpu_counters
     from service.metrics import CPU_STAGES
 
     root = psutil.Process(lantern_server.process.pid)
@@ -218,6 +207,7 @@ def test_cpu_by_stage_accrues_per_prediction_and_stays_within_what_the_worker_us
             assert r.status_code == 200, r.text
         after = cpu_counters(client.get("/metrics").text)
         kernel = sum(worker.cpu_times()[:2]) - kernel_before
+    assert "worker" in before and "worker" in after, "no lantern_worker_cpu_seconds_total"
     spent = {name: after[name] - before.get(name, 0.0) for name in after}
     assert set(CPU_STAGES) <= set(spent), spent
     assert all(spent[stage] > 0 for stage in CPU_STAGES), spent
