@@ -15,11 +15,14 @@ would there. Here one `lantern serve`
 stays up (warmed up once) while every round measures both: raw ONNX Runtime in this
 process, as `bench.predict` does it (the all-cores session and the model streams, batch 1,
 8 and 32, `--seconds` each; the round's best of them is the yardstick), and
-`--requests` closed-loop POST /predict at `--concurrency` (bench.loadgen). The order
-alternates from round to round, so a machine getting busier or quieter does not favour
-either side. Prints each round's ratio and the median over the rounds, with the server's
-and the load generator's CPU per image (they share the machine's cores, which the raw
-runs have to themselves). Not part of `make bench` (about 5 minutes for 5 rounds).
+`--requests` closed-loop POST /predict at `--concurrency` (bench.loadgen), and between
+them the service's pipeline without HTTP (bench.pipeline: the same service class in a
+process of its own, its `predict_uploads` awaited by `--concurrency` tasks), so that the
+gap to raw splits into what decoding, preprocessing and batching cost and what HTTP costs.
+The order rotates from round to round, so a machine getting busier or quieter does not
+favour any side. Prints each round's ratios and their medians over the rounds, with the
+server's and the load generator's CPU per image (they share the machine's cores, which the
+raw runs have to themselves). Not part of `make bench` (about 6 minutes for 5 rounds).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import asyncio
 import statistics
 import sys
 
+from bench.pipeline import PipelineRun, run_in_subprocess
 from bench.predict import (
     LoadResult,
     add_model_arguments,
@@ -79,23 +83,32 @@ def main(argv: list[str] | None = None) -> int:
     url = f"http://127.0.0.1:{port}"
     ratios: list[float] = []
     caps: list[float] = []  # what the cores allow the service, over raw, per round
+    pipeline_ratios: list[float] = []  # the pipeline without HTTP, over raw, per round
     cores = usable_cpus()
     try:
         # Warm-up: thread pools, allocator growth, ONNX Runtime's first batched shapes.
         asyncio.run(load(url, images, args.concurrency, 2 * args.concurrency, args.precision))
         for round_ in range(args.rounds):
             service: LoadResult | None = None
+            pipeline: PipelineRun | None = None
             raw: dict[str, float] = {}
-            for side in ("raw", "service") if round_ % 2 == 0 else ("service", "raw"):
+            for side in rotated(SIDES, round_):
                 if side == "raw":
                     raw = raw_rates(tag, args.precision, args.seconds)
+                elif side == "pipeline":
+                    pipeline = run_in_subprocess(
+                        tag, args.precision, args.concurrency, args.requests
+                    )
                 else:
                     service = asyncio.run(
                         load(url, images, args.concurrency, args.requests, args.precision, proc.pid)
                     )
-            assert service is not None
+            assert service is not None and pipeline is not None
+            if pipeline.precisions != [args.precision]:
+                raise RuntimeError(f"asked for {args.precision}, the pipeline ran {pipeline}")
             best = max(raw, key=raw.__getitem__)
             ratios.append(service.throughput / raw[best])
+            pipeline_ratios.append(pipeline.throughput / raw[best])
             print(
                 f"round {round_ + 1}: service {service.throughput:.1f} images/s "
                 f"({service.requests / service.seconds:.1f} with the drain; mean batch "
@@ -117,6 +130,12 @@ def main(argv: list[str] | None = None) -> int:
                 )
             if service.stage_cpu_ms:
                 print(f"  the worker per image: {describe_stages(service.stage_cpu_ms)}")
+            print(
+                f"  without HTTP (bench.pipeline): {pipeline.throughput:.1f} images/s, "
+                f"{pipeline.cpu_ms:.1f} ms of CPU per image "
+                f"({describe_stages(pipeline.stage_cpu_ms)}): {pipeline_ratios[-1]:.2f}x raw",
+                flush=True,
+            )
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -125,8 +144,19 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.rounds} rounds: service/raw "
         f"median {statistics.median(ratios):.2f}x (rounds {min(ratios):.2f}-{max(ratios):.2f}x)"
         + (f"; the cores allow median {statistics.median(caps):.2f}x" if caps else "")
+        + f"; without HTTP median {statistics.median(pipeline_ratios):.2f}x "
+        f"(rounds {min(pipeline_ratios):.2f}-{max(pipeline_ratios):.2f}x)"
     )
     return 0
+
+
+SIDES = ("raw", "pipeline", "service")
+
+
+def rotated(sides: tuple[str, ...], round_: int) -> tuple[str, ...]:
+    """The order of the measurements in round `round_`: each side first in turn."""
+    shift = round_ % len(sides)
+    return sides[shift:] + sides[:shift]
 
 
 if __name__ == "__main__":
