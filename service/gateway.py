@@ -132,27 +132,56 @@ def install_templated_metrics() -> bool:
 # --- tracing ------------------------------------------------------------------------------
 
 
-def tracing_config() -> dict[str, Any]:
-    """The `tracing` part of the service's BentoML config: every URL excluded from
-    BentoML's OpenTelemetry middleware unless a trace exporter is configured
-    (`tracing.exporter_type` in BENTOML_CONFIG or BENTOML_CONFIG_OPTIONS; unset by default).
+def tracing_config(service_name: str = "lantern") -> dict[str, Any]:
+    """The `tracing` part of the service's BentoML config (`@bentoml.service(tracing=...)`).
 
-    Without an exporter BentoML's tracer provider has no span processor, so no span is
-    ever exported, yet its middleware still starts a span, wraps `receive` and `send` and
-    sets attributes on every request: the largest single Python cost of a /predict on the
-    event loop, ~14 % of its CPU (BENCHMARKS.md, "A cheaper model"). An excluded-URL
-    pattern that every URL matches makes it pass each request straight through. The one
-    thing that goes with the span: BentoML's `X-BentoML-Request-ID` header on the /v1
-    routes, which it takes from the span's id; Lantern's own `X-Request-ID`
-    (RequestIdMiddleware) is on every response. With an exporter configured, this adds
-    nothing and requests are traced as before.
+    A trace exporter can be configured for every service (`tracing.exporter_type=otlp ...`
+    in BENTOML_CONFIG or BENTOML_CONFIG_OPTIONS, as the README shows) or for this one
+    (`services.lantern.tracing.exporter_type=otlp ...`); by default there is none.
+
+    - **None configured:** every URL excluded from BentoML's OpenTelemetry middleware.
+      BentoML's tracer provider has no span processor then, so no span is ever exported,
+      yet its middleware still starts a span, wraps `receive` and `send` and sets
+      attributes on every request: the largest single Python cost of a /predict on the
+      event loop, ~14 % of its CPU (BENCHMARKS.md, "A cheaper model"). An excluded-URL
+      pattern that every URL matches makes it pass each request straight through. What
+      goes with the span: BentoML's `X-BentoML-Request-ID` header on the /v1 routes, which
+      it takes from the span's id; Lantern's own `X-Request-ID` (RequestIdMiddleware) is on
+      every response.
+    - **For every service:** those settings, carried into the service's own. When BentoML
+      starts a service (bentoml 1.4, `Service.inject_config`) it merges the service's
+      section over the global one, and that section's defaults (all None) replace the
+      global `tracing` settings: the exporter would be dropped and nothing exported.
+    - **For this service:** nothing; BentoML applies the user's section as it is.
     """
     from bentoml._internal.configuration.containers import BentoMLContainer
 
     # The user's configuration, which bentoml has read by the time it is imported.
-    if BentoMLContainer.config.tracing.exporter_type.get():
+    config = BentoMLContainer.config
+    try:
+        services = config.services.get() or {}
+    except KeyError:  # no `services` section configured at all
+        services = {}
+    own = (services.get(service_name) or {}).get("tracing") or {}
+    if own.get("exporter_type"):
         return {}
+    every = config.tracing.get() or {}
+    if every.get("exporter_type"):
+        return _without_none(every)
     return {"excluded_urls": "."}  # a regular expression that every URL contains
+
+
+def _without_none(settings: dict[str, Any]) -> dict[str, Any]:
+    """`settings` without the keys left unset (None), nested sections included."""
+    kept: dict[str, Any] = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            value = _without_none(value)
+            if value:
+                kept[key] = value
+        elif value is not None:
+            kept[key] = value
+    return kept
 
 
 # --- API keys -----------------------------------------------------------------------------
