@@ -121,6 +121,38 @@ def test_the_gpu_file_gives_workers_and_the_model_step_one_pinned_gpu_and_the_ap
     assert _devices(moved["services"]["worker"])[0]["device_ids"] == ["3"]  # type: ignore[index]
 
 
+def test_the_api_is_published_on_the_hosts_loopback_unless_told_otherwise() -> None:
+    (port,) = resolved("docker-compose.yml")["services"]["api"]["ports"]
+    assert (port["host_ip"], port["published"], port["target"]) == ("127.0.0.1", "3000", 3000)
+    moved = resolved("docker-compose.yml", LANTERN_PUBLISH_ADDRESS="0.0.0.0", LANTERN_PORT="8080")
+    (port,) = moved["services"]["api"]["ports"]
+    assert (port["host_ip"], port["published"], port["target"]) == ("0.0.0.0", "8080", 3000)
+    # Nothing else is reachable from outside the compose network.
+    others = resolved("docker-compose.yml")["services"]
+    assert [name for name, service in others.items() if service.get("ports")] == ["api"]
+
+
+def test_api_keys_and_metrics_access_reach_every_lantern_service_from_the_host_env() -> None:
+    closed = resolved("docker-compose.yml")["services"]
+    opened = resolved(
+        "docker-compose.yml", LANTERN_API_KEYS="k1,k2", LANTERN_METRICS_PUBLIC="true"
+    )["services"]
+    for name in ("api", "worker", "model"):
+        assert closed[name]["environment"]["LANTERN_API_KEYS"] == "", name
+        assert closed[name]["environment"]["LANTERN_METRICS_PUBLIC"] == "false", name
+        assert opened[name]["environment"]["LANTERN_API_KEYS"] == "k1,k2", name
+        assert opened[name]["environment"]["LANTERN_METRICS_PUBLIC"] == "true", name
+
+
+def test_redis_fsyncs_as_lantern_redis_appendfsync_says() -> None:
+    def appendfsync(**env: str) -> str:
+        command = resolved("docker-compose.yml", **env)["services"]["redis"]["command"]
+        return str(command[command.index("--appendfsync") + 1])
+
+    assert appendfsync() == "everysec"
+    assert appendfsync(LANTERN_REDIS_APPENDFSYNC="always") == "always"
+
+
 def test_gpu_workers_puts_one_complete_worker_on_each_gpu(tmp_path: Path) -> None:
     override = tmp_path / "docker-compose.gpus.yml"
     generated = subprocess.run(
