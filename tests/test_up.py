@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -98,7 +99,8 @@ def _pid_of(parent: int, needle: str) -> int:
     raise AssertionError(f"no child running {needle!r}")
 
 
-def _explain_and_wait(url: str, image: bytes, timeout: float = 120) -> None:
+def _explain_and_wait(url: str, image: bytes, timeout: float = 120) -> dict[str, Any]:
+    """Submit one explanation and wait until it finishes; its final status."""
     files = {"images": ("x.png", image, "image/png")}
     submitted = httpx.post(f"{url}/explain", files=files, timeout=30)
     assert submitted.status_code in (200, 202), submitted.text
@@ -108,6 +110,7 @@ def _explain_and_wait(url: str, image: bytes, timeout: float = 120) -> None:
         assert status["status"] != "failed", status
         assert time.monotonic() < deadline, status
         time.sleep(0.3)
+    return status  # type: ignore[no-any-return]
 
 
 def _predicts(url: str) -> bool:
@@ -122,9 +125,8 @@ def test_up_runs_redis_a_worker_and_the_api_restarts_what_dies_and_ctrl_c_stops_
     import redis
 
     port, redis_port = free_port(), free_port()
-    up = _start_up(
-        tmp_path, _up_env(tiny_bundle.tag), "--port", str(port), "--redis-port", str(redis_port)
-    )
+    env = {**_up_env(tiny_bundle.tag), "LANTERN_REDIS_APPENDFSYNC": "always"}
+    up = _start_up(tmp_path, env, "--port", str(port), "--redis-port", str(redis_port))
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_log(tmp_path, "Lantern is up.", 180)
@@ -139,13 +141,16 @@ def test_up_runs_redis_a_worker_and_the_api_restarts_what_dies_and_ctrl_c_stops_
         with pytest.raises(redis.AuthenticationError):
             redis.Redis(port=redis_port).ping()
         assert redis.Redis(port=redis_port, password=password).ping()
+        # ... fsyncing as LANTERN_REDIS_APPENDFSYNC says (everysec unless told).
+        fsync = redis.Redis(port=redis_port, password=password).config_get("appendfsync")
+        assert fsync == {"appendfsync": "always"}
         assert password not in (tmp_path / "up.log").read_text(errors="replace")
         redis_pid = _pid_of(up.pid, "redis-server")
         assert password not in (Path("/proc") / str(redis_pid) / "cmdline").read_text()
 
         assert _predicts(url)
         # an explanation goes through the worker that `up` started
-        _explain_and_wait(url, shape_png(1))
+        first_job = _explain_and_wait(url, shape_png(1))
 
         # A worker SIGKILLed is restarted; /predict answers meanwhile.
         worker = _pid_of(up.pid, "lantern.cli worker")
@@ -163,6 +168,11 @@ def test_up_runs_redis_a_worker_and_the_api_restarts_what_dies_and_ctrl_c_stops_
         assert _predicts(url)
         _wait_log(tmp_path, "redis restarted", 30, mark)
         assert _pid_of(up.pid, "redis-server") != redis_pid
+        # The restarted Redis has the jobs it had accepted: the first one, manifest and all.
+        again = httpx.get(f"{url}/jobs/{first_job['job_id']}", timeout=10)
+        assert again.status_code == 200, again.text
+        assert again.json()["status"] == "finished"
+        assert again.json()["manifest"] == first_job["manifest"]
         _explain_and_wait(url, shape_png(2, size=80))
         assert _predicts(url)
 
