@@ -98,6 +98,7 @@ def truncated(data: bytes) -> bytes:
 SERVER_MAX_UPLOAD_BYTES = 1_000_000
 SERVER_MAX_PIXELS = 4_000_000
 SERVER_MAX_BATCH_IMAGES = 8
+SERVER_MAX_BATCH_BYTES = 3_000_000  # /predict_batch and /explain bodies: three full images
 
 
 @dataclass
@@ -129,6 +130,7 @@ def start_server(tag: str, log: Path, extra_env: dict[str, str] | None = None) -
         "LANTERN_MAX_UPLOAD_BYTES": str(SERVER_MAX_UPLOAD_BYTES),
         "LANTERN_MAX_PIXELS": str(SERVER_MAX_PIXELS),
         "LANTERN_MAX_BATCH_IMAGES": str(SERVER_MAX_BATCH_IMAGES),
+        "LANTERN_MAX_BATCH_BYTES": str(SERVER_MAX_BATCH_BYTES),
         "LANTERN_ORT_THREADS": "1",  # two cores, shared with the test process
         **(extra_env or {}),
     }

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import TINY_CLASSES, TINY_SIZE
+from tests.service_fixtures import SERVER_MAX_BATCH_BYTES
 from tests.stack_fixtures import Stack, stack  # noqa: F401  (fixture)
 from tests.worker_fixtures import shape_png
 
@@ -177,6 +178,7 @@ def test_artifact_paths_cannot_leave_the_store(
         ({"methods": "telepathy"}, "one", 422, "unknown method"),
         ({"methods": "gradcam", "targets": "1,2"}, "one", 422, "one per image"),
         ({"methods": "gradcam", "targets": "99"}, "one", 422, "out of range"),
+        ({"methods": "gradcam", "targets": "unicorn"}, "one", 422, "nor a class name"),
         ({"layer": "layer4; rm -rf /"}, "one", 422, "is not a layer name"),
         ({"methods": "gradcam"}, "bad", 415, "not an image"),
     ],
@@ -255,6 +257,30 @@ def test_the_model_route_describes_the_model_and_its_explainable_layers(
     layers = {layer["name"]: layer["shape"] for layer in info["explainable_layers"]}
     assert layers["layer4"] == [512, 2, 2] and layers["layer1"] == [64, 16, 16]
     assert "fc" not in layers and "avgpool" not in layers
+
+
+def test_a_target_may_be_named_by_its_class_name(stack: Stack) -> None:  # noqa: F811
+    name = TINY_CLASSES[2]
+    response = httpx.post(
+        f"{stack.url}/explain",
+        params={"methods": "saliency", "targets": name},
+        files=[_images()[0]],
+        timeout=30,
+    )
+    assert response.status_code == 202, response.text
+    status = _wait_finished(stack.url, response.json()["job_id"])
+    assert status["status"] == "finished", status
+    (image,) = status["manifest"]["images"]
+    assert image["target"]["index"] == 2 and image["target"]["requested"] is True
+    assert image["target"]["label"] == name
+
+
+def test_an_explain_body_over_the_batch_byte_limit_is_refused(stack: Stack) -> None:  # noqa: F811
+    size = SERVER_MAX_BATCH_BYTES // 4 + 1  # each image within its own limit, not all four
+    files = [("images", (f"{i}.png", b"\x89" * size, "image/png")) for i in range(4)]
+    response = httpx.post(f"{stack.url}/explain", files=files, timeout=30)
+    assert response.status_code == 413, response.text
+    assert f"larger than the limit of {SERVER_MAX_BATCH_BYTES:,} bytes" in response.json()["error"]
 
 
 def test_too_many_images_in_one_job_is_refused(stack: Stack) -> None:  # noqa: F811

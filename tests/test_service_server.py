@@ -22,6 +22,7 @@ import pytest
 from lantern.core.images import decode_image
 from service.classifier import softmax
 from tests.service_fixtures import (
+    SERVER_MAX_BATCH_BYTES,
     SERVER_MAX_BATCH_IMAGES,
     SERVER_MAX_UPLOAD_BYTES,
     Server,
@@ -160,6 +161,13 @@ def test_bad_input_gets_a_json_4xx_and_the_server_keeps_serving(lantern_server: 
         too_many = [("images", (f"{i}.jpg", jpeg())) for i in range(SERVER_MAX_BATCH_IMAGES + 1)]
         r = client.post("/predict_batch", files=too_many)
         assert r.status_code == 413 and "too many" in r.json()["error"]
+        # each file within its own limit, the body over LANTERN_MAX_BATCH_BYTES
+        size = SERVER_MAX_BATCH_BYTES // 4 + 1
+        assert size < limit
+        heavy = [("images", (f"{i}.jpg", b"\xd8" * size)) for i in range(4)]
+        r = client.post("/predict_batch", files=heavy)
+        assert r.status_code == 413, r.text
+        assert f"larger than the limit of {SERVER_MAX_BATCH_BYTES:,} bytes" in r.json()["error"]
         assert client.post("/predict", files={"image": ("ok.jpg", jpeg())}).status_code == 200
     # and none of it was a 500: the server's own request counter has no 5xx series
     metrics = httpx.get(lantern_server.url + "/metrics", timeout=10).text

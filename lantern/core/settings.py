@@ -45,7 +45,8 @@ class Settings(BaseSettings):
         64, description="Most images one /predict_batch request may carry."
     )
     max_batch_bytes: int = Field(
-        64 * 1024 * 1024, description="Largest accepted /predict_batch request body, in bytes."
+        64 * 1024 * 1024,
+        description="Largest accepted /predict_batch or /explain request body, in bytes.",
     )
     max_images_per_job: int = Field(64, description="Most images one /explain job may carry.")
     job_ttl_seconds: int = Field(
