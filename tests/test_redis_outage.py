@@ -6,8 +6,8 @@ file, appendfsync everysec, as `lantern up` runs it), two `lantern worker` proce
 workers are busy, Redis is killed (SIGKILL, then in a second round SIGTERM), left down for
 a few seconds and started again on the same port and data. The API and the workers are
 never restarted. Every job the API accepted (202) must end finished, with valid
-artifacts, or failed with a reason; a job submitted after the restart must run; /predict
-must answer throughout. The counts are printed (run with -s to see them).
+artifacts: the workers retry their Redis writes through an outage this short, so none may
+fail of it; a job submitted after the restart must run; /predict must answer throughout. The counts are printed (run with -s to see them).
 
 A SIGKILL of the Redis process loses nothing that Redis acknowledged: it writes each
 command to the append-only file (the kernel's page cache) before it replies, and
@@ -205,8 +205,9 @@ def outage(system: System, sig: signal.Signals, seed0: int) -> dict[str, int]:
     print(f"\nRedis {sig.name}: {counts}")
     assert not pending, f"{len(pending)} jobs still queued/started: {pending[:3]}"
     assert not lost, f"lost: {[(i, current[i]['status']) for i in lost[:5]]}"
-    for job_id in failed:
-        assert current[job_id]["error"], f"{job_id} failed without a reason"
+    # The outage is seconds long, far inside LANTERN_REDIS_RETRY_SECONDS: busy workers
+    # retry their Redis writes through it, so no job may fail because of it (README).
+    assert not failed, f"failed: {[(i, current[i]['error']) for i in failed[:5]]}"
     assert all(artifacts_valid(url, current[i]) for i in finished[:: max(1, len(finished) // 10)])
 
     # The system still takes new work: a job submitted after the restart runs.
@@ -229,7 +230,7 @@ def test_no_accepted_job_is_lost_when_redis_is_killed_or_stopped_mid_run(
     killed = outage(system, signal.SIGKILL, seed0=0)
     stopped = outage(system, signal.SIGTERM, seed0=10**7)
     for counts in (killed, stopped):
-        assert counts["finished"] + counts["failed"] == counts["accepted"]
+        assert counts["finished"] == counts["accepted"]
         assert counts["accepted_in_last_second"] > 0  # the AOF window was really exercised
     # Nobody restarted the API or the workers: the same processes did all of it.
     assert system.server.process.poll() is None
