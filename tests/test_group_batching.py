@@ -226,3 +226,64 @@ def test_a_job_a_dead_worker_claimed_but_had_not_marked_started_is_retried(
     assert status is not None and status["status"] == JobStatus.FINISHED, status
     assert redis_conn.hget(f"rq:job:{job_id}", "retries_left") == b"1"
     assert redis_conn.llen(queue.intermediate_queue_key) == 0
+
+
+def test_only_jobs_with_the_same_model_methods_and_layers_share_a_group_of_at_most_the_cap(
+    redis_server: Any, redis_conn: Any, tiny_bundle: Any, tmp_path: Path, worker_processes: list
+) -> None:
+    import re
+
+    from workers.tasks import group_key
+
+    store_dir = tmp_path / "artifacts"
+    settings = settings_for(redis_server.url, store_dir)
+    store = DirectoryStore(store_dir)
+    kinds = {
+        "A": {"methods": ["gradcam"], "layer": "layer4"},
+        "B": {"methods": ["saliency"], "layer": "layer4"},
+        "C": {"methods": ["gradcam"], "layer": "layer3"},
+        "D": {"methods": ["gradcam"], "layer": "layer4", "activation_layer": "layer2"},
+    }
+    order = "ABACADAAB"  # interleaved, as unrelated users would queue them
+    kind_of: dict[str, str] = {}
+    for i, kind in enumerate(order):
+        job_id, created = find_or_enqueue(
+            redis_conn,
+            store,
+            [(f"img{i:02d}", shape_png(i))],
+            tiny_bundle.tag,
+            settings=settings,
+            **kinds[kind],  # type: ignore[arg-type]
+        )
+        assert created
+        kind_of[job_id] = kind
+    cap = 3
+    env = worker_env(
+        redis_server.url, store_dir, tiny_bundle.tag, LANTERN_EXPLAIN_GROUP_JOBS=str(cap)
+    )
+    log = tmp_path / "worker.log"
+    worker = start_worker(env, log, "--burst")
+    worker_processes.append(worker)
+    assert worker.wait(timeout=240) == 0, log.read_text(errors="replace")[-3000:]
+
+    for job_id in kind_of:
+        status = job_status(redis_conn, job_id, store, settings)
+        assert status is not None and status["status"] == JobStatus.FINISHED, status
+    text = log.read_text(errors="replace")
+    groups = [
+        m.group(2).split(", ") for m in re.finditer(r"explaining (\d+) jobs together: (.+)", text)
+    ]
+    grouped = [job_id for group in groups for job_id in group]
+    assert len(grouped) == len(set(grouped)), groups  # no job in two groups
+    for group in groups:
+        assert 2 <= len(group) <= cap, groups
+        assert len({kind_of[job_id] for job_id in group}) == 1, groups
+    # The five A jobs do not fit in one group of three: three, then two; the two B jobs,
+    # queued apart, still find each other; C and D, one job each, run alone.
+    sizes = {kind: sorted(len(g) for g in groups if kind_of[g[0]] == kind) for kind in kinds}
+    assert sizes == {"A": [2, 3], "B": [2], "C": [], "D": []}, groups
+    # group_key tells the kinds apart, and only them.
+    keys = {kind: group_key({"model": tiny_bundle.tag, **spec}) for kind, spec in kinds.items()}
+    assert len(set(keys.values())) == len(kinds), keys
+    swapped = group_key({"model": tiny_bundle.tag, "methods": ["saliency", "gradcam"]})
+    assert swapped == group_key({"model": tiny_bundle.tag, "methods": ["gradcam", "saliency"]})
