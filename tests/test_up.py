@@ -236,3 +236,63 @@ def test_up_warns_loudly_when_it_listens_on_all_interfaces_without_api_keys(
     finally:
         if up.poll() is None:
             os.killpg(up.pid, signal.SIGKILL)
+
+
+def test_a_part_that_exits_waits_1_s_then_twice_as_long_each_time_up_to_30_s() -> None:
+    from lantern.stack import Part
+
+    part = Part("worker-1", start=lambda: None)  # type: ignore[arg-type, return-value]
+    waits = []
+    for restart in range(8):
+        part.restarts.append(float(restart))
+        waits.append(part.backoff())
+    assert waits == [1, 2, 4, 8, 16, 30, 30, 30]
+
+
+def test_ctrl_c_mid_job_lets_the_worker_finish_it_and_the_next_up_serves_it(
+    tiny_bundle, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    port, redis_port = free_port(), free_port()
+    args = ("--port", str(port), "--redis-port", str(redis_port))
+    env = _up_env(tiny_bundle.tag)
+    url = f"http://127.0.0.1:{port}"
+    up = _start_up(tmp_path, env, *args)
+    try:
+        _wait_log(tmp_path, "Lantern is up.", 180)
+        # A job long enough to be caught mid-way (every map and faithfulness: ~5 s here),
+        # well within the 30 s the supervisor gives a worker to stop (STOP_TIMEOUT_S).
+        files = [("images", (f"{i}.png", shape_png(i % 4, size=64), "image/png")) for i in range(8)]
+        params = {"methods": "gradcam,gradcam_pp,saliency,activations", "faithfulness": "true"}
+        r = httpx.post(f"{url}/explain", params=params, files=files, timeout=60)
+        assert r.status_code == 202, r.text
+        job_id = r.json()["job_id"]
+        deadline = time.monotonic() + 120
+        while (status := httpx.get(f"{url}/jobs/{job_id}", timeout=10).json())["status"] != (
+            "started"
+        ):
+            assert status["status"] == "queued", status
+            assert time.monotonic() < deadline, status
+            time.sleep(0.05)
+        mark = _log_size(tmp_path)
+        os.killpg(up.pid, signal.SIGINT)  # Ctrl-C while the worker is on it
+        assert up.wait(timeout=120) == 0
+    finally:
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGKILL)
+    text = (tmp_path / "up.log").read_text(errors="replace")[mark:]
+    # The worker finished the job before it stopped: RQ's success line comes after the signal.
+    assert f"Job OK ({job_id})" in text, text[-3000:]
+
+    # The next `lantern up` on the same data serves the finished job, manifest and all.
+    (tmp_path / "up.log").rename(tmp_path / "first-up.log")
+    again = _start_up(tmp_path, env, *args)
+    try:
+        _wait_log(tmp_path, "Lantern is up.", 180)
+        status = httpx.get(f"{url}/jobs/{job_id}", timeout=10).json()
+        assert status["status"] == "finished", status
+        assert len(status["manifest"]["images"]) == 8
+        os.killpg(again.pid, signal.SIGINT)
+        assert again.wait(timeout=90) == 0
+    finally:
+        if again.poll() is None:
+            os.killpg(again.pid, signal.SIGKILL)
