@@ -312,6 +312,26 @@ def test_predict_writes_a_csv_isolates_the_bad_file_and_resumes(  # type: ignore
     assert read_csv(tmp_path / "preds/predictions.csv") == rows
 
 
+def test_predict_without_out_prints_a_table_of_the_answers_and_writes_nothing(  # type: ignore[no-untyped-def]
+    stack: Stack,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i}.png").write_bytes(shape_png(i))
+    result = lantern("predict", str(folder), "--url", stack.url, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]  # no CSV, no folder
+    with LanternClient(stack.url) as client:
+        for i in range(3):
+            answer = client.predict(("x.png", (folder / f"{i}.png").read_bytes()))
+            (line,) = [ln for ln in result.stdout.splitlines() if f"{i}.png" in ln]
+            path, label, probability = line.split()  # path, label, probability to 3 places
+            assert path == str(folder / f"{i}.png") and label == answer["label"], line
+            assert float(probability) == pytest.approx(answer["probability"], abs=6e-4), line
+
+
 @pytest.mark.parametrize("command", ["explain", "predict"])
 def test_an_unreachable_service_is_a_one_line_error(command: str, tmp_path: Path) -> None:
     image = tmp_path / "x.png"
