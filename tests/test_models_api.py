@@ -112,3 +112,18 @@ def test_without_a_valid_key_it_is_a_401(server: Server) -> None:
         response = httpx.get(server.url + "/models", headers=headers, timeout=10)
         assert response.status_code == 401, response.text
         assert word in response.json()["error"]
+
+
+def test_model_latest_names_the_newest_version_whichever_one_is_served(
+    versions: list[Bundle],
+) -> None:
+    from service.explanations import resolve_model
+
+    old, new = versions
+    # The service serves the older one; `model=latest` still means the newest in the store,
+    # resolved to its concrete tag (what the job id is made from).
+    assert resolve_model("latest", old).tag == new.tag
+    assert resolve_model(new.version, old).tag == new.tag
+    assert resolve_model(new.tag, old).tag == new.tag
+    assert resolve_model("", old).tag == old.tag
+    assert resolve_model("latest", new).tag == new.tag
