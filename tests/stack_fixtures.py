@@ -33,14 +33,16 @@ def start_stack(
     tmp: Path,
     server_env: dict[str, str] | None = None,
     env: dict[str, str] | None = None,
+    worker_only_env: dict[str, str] | None = None,
 ) -> Stack:
     """`server_env`: more environment for `lantern serve` only (e.g. LANTERN_API_KEYS);
-    `env`: for both the worker and the server (e.g. LANTERN_LOG_FORMAT)."""
+    `env`: for both the worker and the server (e.g. LANTERN_LOG_FORMAT); `worker_only_env`:
+    for the worker only (e.g. a BENTOML_HOME of its own)."""
     redis = start_redis(tmp / "redis")
     artifacts = tmp / "artifacts"
     common = env or {}
     env = worker_env(redis.url, artifacts, tag, **common)
-    worker = start_worker(env, tmp / "worker.log")
+    worker = start_worker({**env, **(worker_only_env or {})}, tmp / "worker.log")
     shared = {k: env[k] for k in ("REDIS_URL", "LANTERN_ARTIFACT_DIR", "LANTERN_QUEUE")}
     shared.update(common)
     server = start_server(tag, tmp / "server.log", extra_env={**shared, **(server_env or {})})

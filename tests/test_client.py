@@ -26,7 +26,7 @@ from PIL import Image
 
 from lantern.client import LanternClient
 from tests.conftest import TINY_CLASSES, free_port
-from tests.stack_fixtures import Stack, stack  # noqa: F401  (fixture)
+from tests.stack_fixtures import Stack, stack, start_stack, stop_stack  # noqa: F401  (fixture)
 from tests.worker_fixtures import REPO, shape_png
 
 pytestmark = pytest.mark.integration
@@ -237,31 +237,39 @@ def test_explain_reports_a_layer_the_service_refuses(
     assert not (tmp_path / "maps/a/result.json").exists()
 
 
-def test_explain_reports_a_failed_job(photos: Path, tmp_path: Path) -> None:
-    """A job that fails on the worker (nothing the API can check first: here a service
-    whose job answers "failed") is reported with the job's error, and nothing is saved."""
+def test_explain_reports_a_job_the_worker_fails_and_wait_raises_it(  # type: ignore[no-untyped-def]
+    tiny_bundle, photos: Path, tmp_path: Path
+) -> None:
+    """A job that fails on the worker, for a reason the API cannot check first: here the
+    worker was given a model store without the served model (a deployment that forgot the
+    workers' model volume). The batch command lists the job's error and saves nothing;
+    LanternClient.wait raises JobFailed with it."""
     from lantern.batch import BatchOptions, explain_images
-    from lantern.client import InputImage
+    from lantern.client import InputImage, JobFailed
 
-    class FailingJobs:
-        def explain(self, images: list, **options: object) -> dict:
-            return {"job_id": "ex-" + "f" * 32, "status": "queued", "cached": False}
+    running = start_stack(
+        tiny_bundle.tag,
+        tmp_path / "stack",
+        worker_only_env={"BENTOML_HOME": str(tmp_path / "a-store-without-the-model")},
+    )
+    try:
+        out = tmp_path / "maps"
+        image = InputImage(photos / "a.png", "a")
+        options = BatchOptions(out=out, methods=["gradcam"], layer="layer4", progress=False)
+        with LanternClient(running.url) as client:
+            assert explain_images(client, [image], options) == 1
+            row = read_csv(out / "predictions.csv")[0]
+            assert row["status"] == "failed", row
+            assert tiny_bundle.tag in row["error"] and "ex-" in row["error"], row
+            assert not (out / "a/result.json").exists()
 
-        def job(self, job_id: str) -> dict:
-            error = "out of GPU memory even one image at a time"
-            return {"status": "failed", "error": error, "progress": {"done": 0, "total": 1}}
-
-        def download(self, url: str, path: Path) -> None:
-            raise AssertionError("a failed job has nothing to download")
-
-    out = tmp_path / "maps"
-    image = InputImage(photos / "a.png", "a")
-    options = BatchOptions(out=out, methods=["gradcam"], layer="layer4", progress=False)
-    assert explain_images(FailingJobs(), [image], options) == 1
-    row = read_csv(out / "predictions.csv")[0]
-    assert row["status"] == "failed" and "out of GPU memory" in row["error"]
-    assert "ex-" + "f" * 32 in row["error"]
-    assert not (out / "a/result.json").exists()
+            submitted = client.explain([("b.png", shape_png(3))], methods=["saliency"])
+            with pytest.raises(JobFailed) as failed:
+                client.wait(submitted["job_id"], timeout=180)
+        assert failed.value.job_id == submitted["job_id"]
+        assert tiny_bundle.tag in str(failed.value), str(failed.value)
+    finally:
+        stop_stack(running)
 
 
 @pytest.fixture(scope="module")
