@@ -87,8 +87,18 @@ def test_promote_roll_back_and_delete(versions: list[Bundle], tmp_path: Path) ->
     finally:
         stop_server(server)
 
+    # Another alias for a second deployment: production stays where it was.
+    staged = _lantern("promote", new.version, "--alias", "staging")
+    assert staged.returncode == 0 and f"{NAME}:staging -> {new.tag}" in staged.stdout
+    assert resolve_alias(f"{NAME}:production") == old.tag
+    assert load_bundle(f"{NAME}:staging").tag == new.tag  # what LANTERN_MODEL=...:staging loads
+    assert load_bundle(f"{NAME}:production").tag == old.tag
+
     listed = json.loads(_lantern("list", "--json").stdout)
-    assert {row["tag"]: row["aliases"] for row in listed} == {new.tag: [], old.tag: ["production"]}
+    assert {row["tag"]: row["aliases"] for row in listed} == {
+        new.tag: ["staging"],
+        old.tag: ["production"],
+    }
     table = _lantern("list").stdout
     assert "ALIASES" in table and any(
         line.startswith(old.tag) and line.rstrip().endswith("production")
