@@ -114,6 +114,57 @@ def test_every_artifact_downloads_with_the_right_type_and_size(
                 assert png.size == expected, (key, png.size)
 
 
+def test_the_upsampled_map_and_the_heatmap_are_made_from_the_raw_map_as_documented(
+    stack: Stack,  # noqa: F811
+    finished: dict[str, Any],
+) -> None:
+    """README, "What a finished job holds": upsampled = the raw map, bilinear with
+    align_corners=False, to the input size; heatmap = that map scaled between its minimum
+    and its maximum (saliency: its 0.99 quantile), through the colour map."""
+    import torch
+    import torch.nn.functional as F
+
+    from workers import render
+
+    def download(url: str) -> bytes:
+        response = httpx.get(stack.url + url, timeout=10)
+        assert response.status_code == 200, (url, response.text)
+        return response.content
+
+    lut = render.colour_lut().astype(int)
+
+    def index(rgb: np.ndarray) -> np.ndarray:
+        """Each pixel's step of the 256-colour map (the nearest of its colours)."""
+        found: np.ndarray = np.abs(rgb[..., None, :] - lut[None, None]).sum(-1).argmin(-1)
+        return found
+
+    top = {"gradcam": 1.0, "saliency": 0.99}
+    for im in finished["manifest"]["images"]:
+        for method, quantile in top.items():
+            raw = np.load(io.BytesIO(download(im["urls"][f"{method}.raw"])))
+            upsampled = np.load(io.BytesIO(download(im["urls"][f"{method}.upsampled"])))
+            # In float64, the same interpolation: equal up to float32 rounding.
+            expected = F.interpolate(
+                torch.from_numpy(raw.astype(np.float64))[None, None],
+                size=(TINY_SIZE, TINY_SIZE),
+                mode="bilinear",
+                align_corners=False,
+            )[0, 0].numpy()
+            scale = max(float(np.abs(expected).max()), 1e-30)
+            assert np.abs(upsampled - expected).max() <= 1e-5 * scale, (im["name"], method)
+            lo, hi = float(upsampled.min()), float(np.quantile(upsampled, quantile))
+            unit = np.clip((upsampled.astype(np.float64) - lo) / max(hi - lo, 1e-12), 0, 1)
+            with Image.open(io.BytesIO(download(im["urls"][f"{method}.heatmap"]))) as png:
+                served = np.asarray(png.convert("RGB")).astype(int)
+            mine = np.asarray(render.colourise(unit.astype(np.float32))).astype(int)
+            # The colour of each pixel, at most one step of the 256-colour map apart
+            # (the service scales in float32): compare through the map's own indices.
+            assert np.abs(index(served) - index(mine)).max() <= 1, (im["name"], method)
+            if quantile < 1.0:  # saliency's brightest 1 % is all at the top of the map
+                brightest = index(served) == index(served).max()
+                assert brightest.mean() >= 0.01 - 1 / upsampled.size, (im["name"], method)
+
+
 def test_resubmitting_the_same_request_returns_the_finished_job_at_once(
     stack: Stack,  # noqa: F811
     finished: dict[str, Any],
