@@ -238,6 +238,40 @@ def test_every_process_of_the_server_runs_with_the_malloc_settings(lantern_serve
             assert environ.get(name) == os.environ.get(name, value), (process.pid, name)
 
 
+def test_the_batch_size_and_thread_settings_reach_the_model(tiny_bundle, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """LANTERN_MAX_BATCH_SIZE caps every model call, however many requests queue;
+    LANTERN_ORT_THREADS is the all-cores session's intra-op thread count."""
+    server = start_server(
+        tiny_bundle.tag,
+        tmp_path / "serve.log",
+        {"LANTERN_MAX_BATCH_SIZE": "2", "LANTERN_ORT_THREADS": "2"},
+    )
+    try:
+        images = [jpeg((160, 120), seed=s) for s in range(24)]
+
+        async def burst() -> list[httpx.Response]:
+            limits = httpx.Limits(max_connections=24)
+            async with httpx.AsyncClient(base_url=server.url, timeout=60, limits=limits) as c:
+                return await asyncio.gather(
+                    *(
+                        c.post("/predict", files={"image": (f"{i}.jpg", d)})
+                        for i, d in enumerate(images)
+                    )
+                )
+
+        responses = asyncio.run(burst())
+        assert [r.status_code for r in responses] == [200] * 24
+        metrics = httpx.get(server.url + "/metrics", timeout=10).text
+        images_run, batches = batch_histogram(metrics)
+        at_most_two = re.search(r'^lantern_batch_size_bucket\{le="2.0"\} (\S+)$', metrics, re.M)
+        assert at_most_two, metrics[:2000]
+        assert images_run == 24 and batches >= 12
+        assert float(at_most_two.group(1)) == batches  # no call above two images
+        assert "(asked for auto; intra-op threads 2)" in server.log_text()
+    finally:
+        stop_server(server)
+
+
 def test_probes_metrics_and_docs(lantern_server: Server, tiny_bundle) -> None:  # type: ignore[no-untyped-def]
     with httpx.Client(base_url=lantern_server.url, timeout=10) as client:
         assert client.get("/livez").status_code == 200
