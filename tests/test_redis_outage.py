@@ -7,7 +7,8 @@ workers are busy, Redis is killed (SIGKILL, then in a second round SIGTERM), lef
 a few seconds and started again on the same port and data. The API and the workers are
 never restarted. Every job the API accepted (202) must end finished, with valid
 artifacts: the workers retry their Redis writes through an outage this short, so none may
-fail of it; a job submitted after the restart must run; /predict must answer throughout. The counts are printed (run with -s to see them).
+fail of it; a job submitted after the restart must run; /predict must answer throughout.
+The counts are printed (run with -s to see them).
 
 A SIGKILL of the Redis process loses nothing that Redis acknowledged: it writes each
 command to the append-only file (the kernel's page cache) before it replies, and

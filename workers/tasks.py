@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 from PIL import Image
+from rq.timeouts import JobTimeoutException
 
 from lantern.core.errors import JobError, LanternError
 from lantern.core.images import decode_image
@@ -82,6 +83,10 @@ def explain(payload: dict[str, Any], job_id: str | None = None) -> dict[str, Any
     except torch.OutOfMemoryError as e:
         message = f"out of GPU memory even one image at a time: {e}"
         _record_failure(job, context, message, permanent=False)
+        raise
+    except JobTimeoutException:
+        # A configured limit, not a bug: RQ retries or fails the job, and its status says
+        # which limit and setting (lantern.core.jobs._readable_error).
         raise
     except Exception as e:
         message = f"internal error ({type(e).__name__}: {e})"
