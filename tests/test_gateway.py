@@ -102,6 +102,19 @@ def test_job_histograms_accumulate_in_redis(redis_conn) -> None:  # type: ignore
     assert "lantern_explain_workers 0" in lines
 
 
+def test_an_untimed_attempt_counts_its_outcome_and_no_duration(redis_conn) -> None:  # type: ignore[no-untyped-def]
+    # An abandoned attempt (workers.worker._count_abandoned): nobody timed it.
+    record_job(redis_conn, 2.0, 1, "finished")
+    record_job(redis_conn, None, 4, "retried")
+    record_job(redis_conn, None, 4, "failed")
+    m = read_explain_metrics(redis_conn, Settings(queue="q-untimed"))
+    assert m.outcomes == {"finished": 1, "retried": 1, "failed": 1}
+    lines = set(render(m).splitlines())
+    assert "lantern_explain_job_duration_seconds_count 1" in lines
+    assert "lantern_explain_job_duration_seconds_sum 2.0" in lines
+    assert "lantern_explain_image_seconds_count 1" in lines
+
+
 def test_record_job_never_fails_a_job_when_redis_is_down() -> None:
     import redis
 

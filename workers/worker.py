@@ -57,6 +57,7 @@ from typing import Any, TypeVar
 
 from redis import Redis
 from rq import SimpleWorker
+from rq.exceptions import AbandonedJobError
 from rq.executions import Execution
 from rq.job import Job, JobStatus
 from rq.queue import Queue
@@ -135,6 +136,7 @@ class ExplainWorker(SimpleWorker):
             job_monitoring_interval=settings.worker_heartbeat_seconds,
             **kwargs,
         )
+        self.push_exc_handler(_count_abandoned)
 
     def warm_up(self, model: str | None = None) -> None:
         """Load the model (once per process) and run a tiny pass; a missing model is
@@ -406,6 +408,22 @@ class ExplainWorker(SimpleWorker):
             self.log.exception("Worker %s: artifact expiry failed", self.name)
 
 
+def _count_abandoned(job: Job, exc_type: type, *_exc: Any) -> None:
+    """Count an abandoned attempt (its worker died, or lost Redis past redis_retry_seconds)
+    in the job outcomes, as RQ's StartedJobRegistry.cleanup is about to retry or fail it.
+
+    RQ's maintenance calls the worker's exception handlers for each abandoned job, just
+    before it decides, by the same test, whether to retry it; only one worker at a time
+    runs it (RQ's maintenance lock), so an attempt is counted once. Nobody timed the
+    attempt, so it counts an outcome and no duration. The other exceptions reaching
+    this chain are the worker's own jobs' failures, which handle_job_failure counts.
+    """
+    if exc_type is not AbandonedJobError:
+        return
+    retried = bool(job.retries_left and job.retries_left > 0)
+    record_job(job.connection, None, _image_count(job), "retried" if retried else "failed")
+
+
 def _starter(worker: ExplainWorker, job: Job) -> Callable[[], Execution]:
     return lambda: worker.prepare_execution(job)
 
@@ -458,7 +476,11 @@ class _Heartbeat:
                         continue
                     try:
                         self._worker.maintain_heartbeats(*entry)
-                    except Exception:  # a Redis hiccup: try again next beat
+                    except REDIS_ERRORS as e:  # an outage: one line a beat, not a traceback
+                        log.warning(
+                            "heartbeat for job %s failed: Redis unreachable (%s)", job_id, e
+                        )
+                    except Exception:  # anything else is worth its traceback; next beat
                         log.warning("heartbeat for job %s failed", job_id, exc_info=True)
 
     def stop(self) -> None:

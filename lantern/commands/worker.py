@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     import redis
 
     from lantern.core.errors import QueueUnavailable
-    from lantern.core.redis_retry import retry_redis
+    from lantern.core.redis_retry import REDIS_ERRORS, retry_redis
     from lantern.core.settings import get_settings
     from workers.worker import ExplainWorker
 
@@ -80,9 +80,16 @@ def run(args: argparse.Namespace) -> int:
     worker = new_worker(args.name)
     worker.warm_up()
     while True:
-        worker.work(burst=args.burst, logging_level=level)
-        if args.burst or _shutdown_was_requested(worker):
-            return 0
+        try:
+            worker.work(burst=args.burst, logging_level=level)
+        except REDIS_ERRORS as e:
+            # RQ's loop ended on a Redis error (Redis gone longer than redis_retry_seconds)
+            # and its teardown, which writes the worker's death to Redis, raised again:
+            # out of work() rather than logged. Not a reason to exit (jobs are queued).
+            print(f"worker loop ended on a Redis error ({e})", file=sys.stderr)
+        else:
+            if args.burst or _shutdown_was_requested(worker):
+                return 0
         # RQ's loop ended on an error (Redis gone longer than redis_retry_seconds, say):
         # wait for Redis and start again rather than exit with jobs still queued.
         print("worker loop ended unexpectedly; waiting for Redis to resume", file=sys.stderr)

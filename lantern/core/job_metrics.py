@@ -49,18 +49,22 @@ def _fmt(value: float) -> str:
     return repr(float(value)) if not float(value).is_integer() else f"{float(value):.1f}"
 
 
-def record_job(connection: Redis, seconds: float, images: int, outcome: str) -> None:
+def record_job(connection: Redis, seconds: float | None, images: int, outcome: str) -> None:
     """Count one ended job attempt: `outcome` is "finished", "failed" (no retries left) or
     "retried" (it failed and RQ will run it again). `seconds` is the wall time of the
-    attempt; `images` how many images it carried. Duration histograms count every
-    outcome; seconds per image counts finished jobs only. Never raises: metrics must not
-    fail a job (a Redis error here is ignored)."""
+    attempt, None for an abandoned attempt nobody timed (its worker died): then only the
+    outcome is counted. `images` is how many images it carried. Duration histograms
+    count every timed outcome; seconds per image counts finished jobs only. Never raises:
+    metrics must not fail a job (a Redis error here is ignored)."""
     if outcome not in OUTCOMES:
         raise ValueError(f"outcome {outcome!r} is not one of {', '.join(OUTCOMES)}")
-    seconds = max(float(seconds), 0.0)
     try:
         pipe = connection.pipeline(transaction=True)
         pipe.hincrby(JOBS_KEY, outcome, 1)
+        if seconds is None:
+            pipe.execute()
+            return
+        seconds = max(float(seconds), 0.0)
         pipe.hincrby(JOB_SECONDS_KEY, _bucket_field(seconds, JOB_SECONDS_BUCKETS), 1)
         pipe.hincrbyfloat(JOB_SECONDS_KEY, "sum", seconds)
         pipe.hincrby(JOB_SECONDS_KEY, "count", 1)
