@@ -21,6 +21,7 @@ import pytest
 
 from lantern.core.images import decode_image
 from service.classifier import softmax
+from tests.conftest import TINY_CLASSES
 from tests.service_fixtures import (
     SERVER_MAX_BATCH_BYTES,
     SERVER_MAX_BATCH_IMAGES,
@@ -268,6 +269,39 @@ def test_the_batch_size_and_thread_settings_reach_the_model(tiny_bundle, tmp_pat
         assert images_run == 24 and batches >= 12
         assert float(at_most_two.group(1)) == batches  # no call above two images
         assert "(asked for auto; intra-op threads 2)" in server.log_text()
+    finally:
+        stop_server(server)
+
+
+def test_a_request_that_waits_past_max_latency_is_refused_with_a_503_and_the_server_goes_on(
+    tiny_bundle, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """LANTERN_MAX_LATENCY_MS: a request queued longer than that for its model call is
+    refused with 503, a readable error and Retry-After (the README's and the OpenAPI
+    document's promise), and the refusal leaves the server serving. With batches of one
+    image and a 1 ms limit, a /predict_batch of 64 images queues 64 model calls at once:
+    the last ones cannot start within 1 ms on any CPU (each waits for dozens of calls
+    before it). A lone request, which a free model stream takes at once, still answers.
+    """
+    server = start_server(
+        tiny_bundle.tag,
+        tmp_path / "serve.log",
+        {
+            "LANTERN_MAX_LATENCY_MS": "1",
+            "LANTERN_MAX_BATCH_SIZE": "1",
+            "LANTERN_MAX_BATCH_IMAGES": "64",
+        },
+    )
+    try:
+        files = [("images", (f"{i}.jpg", jpeg((64, 64), seed=i))) for i in range(64)]
+        refused = httpx.post(server.url + "/predict_batch", files=files, timeout=60)
+        assert refused.status_code == 503, refused.text[:300]
+        assert refused.json() == {"error": "the model is overloaded right now; retry in a moment"}
+        assert refused.headers["retry-after"] == "1"
+        # A lone request starts at once, well inside even 1 ms: the server goes on.
+        alone = httpx.post(server.url + "/predict", files={"image": ("a.jpg", jpeg((64, 64)))})
+        assert alone.status_code == 200, alone.text
+        assert alone.json()["label"] in TINY_CLASSES
     finally:
         stop_server(server)
 
