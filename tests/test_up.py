@@ -87,16 +87,40 @@ def _log_size(tmp_path: Path) -> int:
     return len((tmp_path / "up.log").read_text(errors="replace"))
 
 
-def _pid_of(parent: int, needle: str) -> int:
-    """The child of `parent` whose command line contains `needle`."""
-    for pid in _children(parent):
+def _pids_of(parent: int, needle: str) -> list[int]:
+    """The live descendants of `parent` whose command line contains `needle`."""
+    found = []
+    for pid in sorted(_children(parent)):
         try:
             cmdline = (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ")
         except OSError:
             continue
         if needle.encode() in cmdline and _alive(pid):
-            return pid
-    raise AssertionError(f"no child running {needle!r}")
+            found.append(pid)
+    return found
+
+
+def _pid_of(parent: int, needle: str) -> int:
+    """The child of `parent` whose command line contains `needle`."""
+    found = _pids_of(parent, needle)
+    if not found:
+        raise AssertionError(f"no child running {needle!r}")
+    return found[0]
+
+
+def _exit_times(pids: dict[str, int], up: subprocess.Popen[bytes]) -> dict[str, float]:
+    """When each of `pids` was first seen gone (every 5 ms), until `up` itself exits."""
+    gone: dict[str, float] = {}
+    deadline = time.monotonic() + 120
+    while len(gone) < len(pids) and time.monotonic() < deadline:
+        now = time.monotonic()
+        gone.update(
+            {name: now for name, pid in pids.items() if name not in gone and not _alive(pid)}
+        )
+        if up.poll() is not None:
+            break
+        time.sleep(0.005)
+    return gone
 
 
 def _explain_and_wait(url: str, image: bytes, timeout: float = 120) -> dict[str, Any]:
@@ -249,11 +273,13 @@ def test_a_part_that_exits_waits_1_s_then_twice_as_long_each_time_up_to_30_s() -
     assert waits == [1, 2, 4, 8, 16, 30, 30, 30]
 
 
-def test_ctrl_c_mid_job_lets_the_worker_finish_it_and_the_next_up_serves_it(
+def test_ctrl_c_mid_job_stops_the_api_then_the_workers_which_finish_it_then_redis(
     tiny_bundle, tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]
+    """The README's Ctrl-C: "stops the API, then the workers (each finishes its job), then
+    Redis", with `--workers 2`; and the next `lantern up` on the same data serves the job."""
     port, redis_port = free_port(), free_port()
-    args = ("--port", str(port), "--redis-port", str(redis_port))
+    args = ("--port", str(port), "--redis-port", str(redis_port), "--workers", "2")
     env = _up_env(tiny_bundle.tag)
     url = f"http://127.0.0.1:{port}"
     up = _start_up(tmp_path, env, *args)
@@ -273,8 +299,16 @@ def test_ctrl_c_mid_job_lets_the_worker_finish_it_and_the_next_up_serves_it(
             assert status["status"] == "queued", status
             assert time.monotonic() < deadline, status
             time.sleep(0.05)
+        workers = _pids_of(up.pid, "lantern.cli worker")
+        assert len(workers) == 2, workers  # --workers 2
+        parts = {
+            "api": _pid_of(up.pid, "-m bentoml serve"),  # lantern serve execs it
+            **{f"worker-{n}": pid for n, pid in enumerate(workers, 1)},
+            "redis": _pid_of(up.pid, "redis-server"),
+        }
         mark = _log_size(tmp_path)
-        os.killpg(up.pid, signal.SIGINT)  # Ctrl-C while the worker is on it
+        os.killpg(up.pid, signal.SIGINT)  # Ctrl-C while a worker is on it
+        gone = _exit_times(parts, up)
         assert up.wait(timeout=120) == 0
     finally:
         if up.poll() is None:
@@ -282,6 +316,11 @@ def test_ctrl_c_mid_job_lets_the_worker_finish_it_and_the_next_up_serves_it(
     text = (tmp_path / "up.log").read_text(errors="replace")[mark:]
     # The worker finished the job before it stopped: RQ's success line comes after the signal.
     assert f"Job OK ({job_id})" in text, text[-3000:]
+    # In that order: the API first (no new work), then the workers, then Redis last, so
+    # the workers could still record the job they finished.
+    assert set(gone) == set(parts), (gone, text[-3000:])
+    worker_times = [gone[name] for name in parts if name.startswith("worker-")]
+    assert gone["api"] <= min(worker_times) and max(worker_times) <= gone["redis"], gone
 
     # The next `lantern up` on the same data serves the finished job, manifest and all.
     (tmp_path / "up.log").rename(tmp_path / "first-up.log")
