@@ -310,3 +310,36 @@ def test_readme_settings_table_lists_every_setting() -> None:
     from lantern.commands.settings import markdown_table
 
     assert markdown_table() in (ROOT / "README.md").read_text()
+
+
+def _stage(dockerfile: str, name: str) -> str:
+    """The text of one stage of a multi-stage Dockerfile, up to the next FROM."""
+    match = re.search(rf"^FROM \S+ AS {name}\n(.*?)(?=^FROM |\Z)", dockerfile, re.M | re.S)
+    assert match, f"no stage {name}"
+    return match.group(1)
+
+
+def test_the_api_image_build_fails_if_torch_gets_in() -> None:
+    """README: the API image has "no torch (the build fails if torch gets in)". The api
+    stage's last install step ends with a check that exits non-zero when torch can be
+    imported; it is run here as the build runs it, in an environment with torch (this
+    one) and without (the same interpreter, site-packages off)."""
+    api = _stage((ROOT / "Dockerfile").read_text(), "api")
+    step = next(block for block in api.split("\nRUN ") if "find_spec('torch')" in block)
+    # Chained after the install in the same RUN, so a failing check fails the build.
+    assert "pip install -c constraints.txt --no-deps ." in step
+    assert step.index("pip install") < step.index("&& python3 -c")
+    check = re.search(r'python3 -c "([^"]+)"', step)
+    assert check, step
+    with_torch = subprocess.run([sys.executable, "-c", check.group(1)], check=False)
+    without = subprocess.run([sys.executable, "-I", "-S", "-c", check.group(1)], check=False)
+    assert with_torch.returncode != 0 and without.returncode == 0
+    # And the api's dependencies (deploy/requirements.py without extras) name no torch.
+    listed = subprocess.run(
+        [sys.executable, str(ROOT / "deploy" / "requirements.py")],
+        capture_output=True, text=True, check=True,
+    ).stdout.split()  # fmt: skip
+    assert listed and not [p for p in listed if p.startswith("torch")]
+    assert "-c constraints.txt -r /tmp/requirements.txt" in _stage(
+        (ROOT / "Dockerfile").read_text(), "api-deps"
+    )
