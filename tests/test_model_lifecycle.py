@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from lantern.core.bundle import Bundle, aliases, load_bundle, resolve_alias
@@ -84,6 +85,25 @@ def test_promote_roll_back_and_delete(versions: list[Bundle], tmp_path: Path) ->
             server.url + "/predict", files={"image": ("a.png", shape_png(1))}, timeout=30
         )
         assert answer.status_code == 200 and answer.json()["model_version"] == old.version
+        # Pinned once (README: "the API pins it once, so every server worker serves the
+        # same one"): every process of the server was given the version, not the alias,
+        # so a promotion while it runs changes nothing until it is restarted.
+        root = psutil.Process(server.process.pid)
+        processes = [root, *root.children(recursive=True)]
+        assert len(processes) >= 2  # the arbiter and a service worker
+        for process in processes:
+            raw = Path(f"/proc/{process.pid}/environ").read_bytes().split(b"\0")
+            environ = dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+            assert environ["LANTERN_MODEL"] == old.tag, (
+                process.cmdline(),
+                environ["LANTERN_MODEL"],
+            )
+        assert _lantern("promote", new.version).returncode == 0
+        answer = httpx.post(
+            server.url + "/predict", files={"image": ("b.png", shape_png(2))}, timeout=30
+        )
+        assert answer.status_code == 200 and answer.json()["model_version"] == old.version
+        assert _lantern("promote", old.version).returncode == 0
     finally:
         stop_server(server)
 
