@@ -23,6 +23,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from lantern.client import (
@@ -276,3 +277,27 @@ def test_a_bad_log_format_is_a_one_line_error(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert done.stderr.strip().startswith("lantern settings: error: invalid setting")
     assert "LANTERN_LOG_FORMAT='yaml'" in done.stderr and len(done.stderr.splitlines()) == 1
+
+
+def test_the_default_policy_is_five_tries_within_60_s_waiting_1_s_when_told_nothing(
+    scripted: tuple[str, Script],
+) -> None:
+    """The README's defaults: "retried after the answer's Retry-After seconds (1 s when it
+    gives none), at most attempts tries within total_s seconds (default 5 within 60 s)",
+    for a client built without a policy."""
+    url, script = scripted
+    script.answers = [(503, {}), (200, {})]  # no Retry-After: one second
+    with LanternClient(url) as client:
+        assert client.predict(IMAGE) == PREDICTION
+    assert len(script.seen) == 2 and script.seen[1]["at"] - script.seen[0]["at"] >= 1.0
+
+    script.answers, script.seen = [(503, {"Retry-After": "0"})], []
+    with LanternClient(url) as client, pytest.raises(ServiceError, match=r"\(tried 5 times\)"):
+        client.predict(IMAGE)
+    assert len(script.seen) == 5
+
+    # A wait that would end past 60 s from the first try is not started (asked of the
+    # policy itself: proving it on the wire would take a minute).
+    policy, answer = RetryPolicy(), httpx.Response(503, headers={"Retry-After": "20"})
+    assert policy.delay(answer, attempt=1, elapsed=40.0) == 20.0
+    assert policy.delay(answer, attempt=1, elapsed=40.5) is None
