@@ -16,7 +16,7 @@ import httpx
 import psutil
 import pytest
 
-from lantern.core.bundle import Bundle, aliases, load_bundle, resolve_alias
+from lantern.core.bundle import Bundle, aliases, list_bundles, load_bundle, resolve_alias
 from tests.conftest import TINY_ARCH, TINY_CLASSES, TINY_SIZE
 from tests.service_fixtures import start_server, stop_server
 from tests.worker_fixtures import shape_png
@@ -146,3 +146,34 @@ def test_bad_lifecycle_commands_are_one_line_errors(versions: list[Bundle]) -> N
         result = _lantern(*args)
         assert result.returncode == 2, (args, result.stdout, result.stderr)
         assert expected in result.stderr and "Traceback" not in result.stderr, (args, result.stderr)
+
+
+@pytest.mark.parametrize("missing", ["v0nosuchversion", "canary"])
+def test_ensure_refuses_a_missing_version_or_alias_instead_of_training_a_first_model(
+    versions: list[Bundle], missing: str
+) -> None:
+    """README: `make up` and compose's `model` step make a first model only "if the store
+    has none". With versions in the store, a LANTERN_MODEL naming a version that is not
+    there (a typo) or an alias never promoted is a one-line error, and nothing is trained
+    or registered (a training run would become the newest version, which `production`
+    follows)."""
+    before = {b.tag for b in list_bundles(NAME)}
+    result = subprocess.run(
+        [sys.executable, "-m", "lantern.cli", "models", "ensure", "--name", NAME],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "LANTERN_MODEL": f"{NAME}:{missing}"},
+    )  # fmt: skip
+    assert result.returncode != 0, result.stdout[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr[-3000:]
+    assert missing in lines[0] and f"the store has {len(before)} version(s)" in lines[0]
+    assert {b.tag for b in list_bundles(NAME)} == before
+    # The tag that is there is ready, and nothing is made either.
+    newest = versions[-1]
+    ready = subprocess.run(
+        [sys.executable, "-m", "lantern.cli", "models", "ensure", "--name", NAME],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "LANTERN_MODEL": newest.tag},
+    )  # fmt: skip
+    assert ready.returncode == 0 and f"model {newest.tag} is ready" in ready.stdout, ready.stderr
+    assert {b.tag for b in list_bundles(NAME)} == before

@@ -86,11 +86,32 @@ def _ensure(name: str) -> int:
         bundle = load_bundle(tag)
         print(f"model {bundle.tag} is ready")
         return 0
-    except ModelError:
+    except ModelError as e:
         if tag.split(":")[0] != name:
             raise
+        stored = _stored_versions(name)
+        if stored:
+            # A first model only for an empty store. Here LANTERN_MODEL names a version or
+            # alias that is not there (a typo, an alias never promoted): training would
+            # register a new newest version, which `production` follows.
+            raise ModelError(
+                f"{e}; the store has {stored} version(s) of {name}, so no first model is "
+                "made: set LANTERN_MODEL to one of them (`lantern models list`) or promote "
+                "one to that alias"
+            ) from None
     from models.first_model import make_first_model
 
     bundle = make_first_model()
     print(f"registered {bundle.tag}")
     return 0
+
+
+def _stored_versions(name: str) -> int:
+    """How many versions of `name` the model store holds, readable bundles or not."""
+    import bentoml
+    from bentoml.exceptions import NotFound
+
+    try:
+        return len(bentoml.models.list(name))
+    except NotFound:
+        return 0
