@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -56,6 +57,20 @@ def _start_up(tmp_path: Path, env: dict[str, str], *args: str) -> subprocess.Pop
         cwd=tmp_path,
         start_new_session=True,  # like a terminal: we signal the whole group below
     )
+
+
+def _kill_everything(up: subprocess.Popen[bytes]) -> None:
+    """After a failed test: `lantern up` and every part it started. The parts run in
+    sessions of their own (a terminal's Ctrl-C reaches only `up`), so killing up's process
+    group would leave them running, adopted by init; they are found first."""
+    if up.poll() is not None:
+        return
+    parts = _children(up.pid)
+    os.killpg(up.pid, signal.SIGKILL)
+    for pid in parts:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    up.wait(timeout=30)
 
 
 def _up_env(tag: str) -> dict[str, str]:
@@ -209,10 +224,7 @@ def test_up_runs_redis_a_worker_and_the_api_restarts_what_dies_and_ctrl_c_stops_
         text = (tmp_path / "up.log").read_text(errors="replace")
         assert "keeps crashing" not in text, text[-3000:]
     finally:
-        if up.poll() is None:
-            os.killpg(up.pid, signal.SIGKILL)
-        for pid in _children(up.pid):
-            os.kill(pid, signal.SIGKILL)
+        _kill_everything(up)
 
 
 def test_up_stops_everything_with_one_line_when_a_part_keeps_crashing(
@@ -236,8 +248,7 @@ def test_up_stops_everything_with_one_line_when_a_part_keeps_crashing(
         time.sleep(0.5)
         assert not [pid for pid in _children(up.pid) if _alive(pid)]
     finally:
-        if up.poll() is None:
-            os.killpg(up.pid, signal.SIGKILL)
+        _kill_everything(up)
 
 
 def test_up_warns_loudly_when_it_listens_on_all_interfaces_without_api_keys(
@@ -258,8 +269,7 @@ def test_up_warns_loudly_when_it_listens_on_all_interfaces_without_api_keys(
         text = (tmp_path / "up.log").read_text(errors="replace")
         assert "WARNING: the API listens on 0.0.0.0" in text and "LANTERN_API_KEYS" in text
     finally:
-        if up.poll() is None:
-            os.killpg(up.pid, signal.SIGKILL)
+        _kill_everything(up)
 
 
 def test_a_part_that_exits_waits_1_s_then_twice_as_long_each_time_up_to_30_s() -> None:
@@ -311,8 +321,7 @@ def test_ctrl_c_mid_job_stops_the_api_then_the_workers_which_finish_it_then_redi
         gone = _exit_times(parts, up)
         assert up.wait(timeout=120) == 0
     finally:
-        if up.poll() is None:
-            os.killpg(up.pid, signal.SIGKILL)
+        _kill_everything(up)
     text = (tmp_path / "up.log").read_text(errors="replace")[mark:]
     # The worker finished the job before it stopped: RQ's success line comes after the signal.
     assert f"Job OK ({job_id})" in text, text[-3000:]
@@ -333,5 +342,4 @@ def test_ctrl_c_mid_job_stops_the_api_then_the_workers_which_finish_it_then_redi
         os.killpg(again.pid, signal.SIGINT)
         assert again.wait(timeout=90) == 0
     finally:
-        if again.poll() is None:
-            os.killpg(again.pid, signal.SIGKILL)
+        _kill_everything(again)
