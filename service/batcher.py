@@ -16,6 +16,11 @@ at the next barrier, while a single-threaded stream only pauses itself (BENCHMAR
 "Streams"). A batch taken when no other batch runs and nothing else is queued (a lone
 request at low load) runs on `run_alone` instead, the all-cores session, so its latency
 is that of the whole machine; the other streams wait until it is done.
+
+Model calls run on threads of their own (a CapacityLimiter of `streams` tokens), not on
+anyio's shared pool: that pool also runs the explanation side's Redis calls, and with a
+hung Redis (a network partition: no refusal, only timeouts) dozens of /jobs polls held
+every token and a prediction waited seconds for a thread.
 """
 
 from __future__ import annotations
@@ -82,6 +87,7 @@ class MicroBatcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self._running = 0  # batches in flight
+        self._threads: anyio.CapacityLimiter | None = None  # model calls' own threads
         self._alone: asyncio.Event | None = None  # set when the lone batch is done
 
     async def submit(self, inputs: np.ndarray) -> np.ndarray:
@@ -130,6 +136,7 @@ class MicroBatcher:
             if self._queue:
                 self._queued.set()
             self._running, self._alone = 0, None
+            self._threads = anyio.CapacityLimiter(self.streams)
             self._consumers = [
                 loop.create_task(self._consume(), name=f"lantern-batcher-{i}")
                 for i in range(self.streams)
@@ -190,7 +197,9 @@ class MicroBatcher:
             except Exception:  # metrics must never stop the model
                 log.exception("recording batch metrics failed")
         try:
-            outputs = await anyio.to_thread.run_sync(self._run_concatenated, run, inputs, buffer)
+            outputs = await anyio.to_thread.run_sync(
+                self._run_concatenated, run, inputs, buffer, limiter=self._threads
+            )
         except Exception as e:  # the model failed: every request of this batch hears it
             log.error("a batch of %d request(s) failed: %r", len(batch), e)
             for request in batch:

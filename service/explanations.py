@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
@@ -47,6 +48,10 @@ from lantern.core.settings import Settings
 from lantern.core.store import check_file_name, open_store
 
 CONTENT_TYPES = {".png": "image/png", ".npy": "application/octet-stream"}
+# A Redis command takes well under a millisecond; this long is an outage, not load (an
+# fsync stall under appendfsync always on a slow disk stays far below it).
+REDIS_TIMEOUT_S = 2.0
+THREADS = 16  # explanation requests waiting at once on Redis or the artifact store
 _INPUT_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
 
 
@@ -204,15 +209,23 @@ class Explanations:
         self.bundle = bundle
         self.store = open_store(settings)
         # Connects lazily: the API starts, and /predict works, with Redis down.
-        # Few, quick retries: one reconnects a pooled connection after a Redis restart;
-        # redis-py's default (3, backing off up to seconds) would hold a request that
-        # could answer 503 at once, or 200 from a finished job's manifest.
+        # Few, quick retries, of refused or dropped connections only: one reconnects a
+        # pooled connection after a Redis restart. A timeout is not retried: a hung Redis
+        # (a network partition) would hold the request REDIS_TIMEOUT_S per try, when it
+        # could answer 503, or 200 from a finished job's manifest.
         self.redis = redis.Redis.from_url(
             settings.redis_url,
-            socket_connect_timeout=2,
-            socket_timeout=10,
-            retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), 2),
+            socket_connect_timeout=REDIS_TIMEOUT_S,
+            socket_timeout=REDIS_TIMEOUT_S,
+            retry=Retry(
+                ExponentialBackoff(cap=0.2, base=0.05),
+                2,
+                supported_errors=(redis.exceptions.ConnectionError,),
+            ),
         )
+        # Threads of its own for the calls that wait on Redis or the artifact store, so
+        # that a hung Redis holds these, not anyio's shared pool (/status, BentoML).
+        self.threads = anyio.CapacityLimiter(THREADS)
 
     def submit(
         self,

@@ -116,13 +116,16 @@ async def submit_explanation(
     before anything is queued: the options against the model they name, and every image
     as /predict decodes it, so a bad request is a 4xx now, not a failed job later.
     """
-    bundle = await anyio.to_thread.run_sync(lantern.explanations.resolve_model, params.get("model"))
+    explanations = lantern.explanations
+    bundle = await anyio.to_thread.run_sync(
+        explanations.resolve_model, params.get("model"), limiter=explanations.threads
+    )
     options: ExplainOptions = parse_options(params, len(uploads), bundle.class_names, bundle)
     await anyio.to_thread.run_sync(lambda: [lantern.decode(u) for u in uploads])
     images = [(u.filename, u.data) for u in uploads]
     request_id = current_request_id()  # set by service.gateway.RequestIdMiddleware
     status, created = await anyio.to_thread.run_sync(
-        lantern.explanations.submit, images, options, request_id
+        explanations.submit, images, options, request_id, limiter=explanations.threads
     )
     job_id = status["job_id"]
     if created:
@@ -135,7 +138,8 @@ async def submit_explanation(
 
 async def job_status(lantern: PredictionService, job_id: str) -> dict[str, Any]:
     """GET /jobs/{job_id}: status, progress, readable error, manifest with artifact URLs."""
-    return await anyio.to_thread.run_sync(lantern.explanations.status, job_id)
+    explanations = lantern.explanations
+    return await anyio.to_thread.run_sync(explanations.status, job_id, limiter=explanations.threads)
 
 
 def check_top_k(value: object) -> int:

@@ -148,7 +148,10 @@ async def job(job_id: str, lantern: CurrentService) -> dict[str, Any]:
     summary="One artifact of a finished job",
 )
 async def artifact(job_id: str, name: str, lantern: CurrentService) -> Response:
-    data, content_type = await anyio.to_thread.run_sync(lantern.explanations.artifact, job_id, name)
+    explanations = lantern.explanations
+    data, content_type = await anyio.to_thread.run_sync(
+        explanations.artifact, job_id, name, limiter=explanations.threads
+    )
     return Response(
         data,
         media_type=content_type,
