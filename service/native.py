@@ -74,7 +74,11 @@ class LanternInput(bentoml.IODescriptor):
 
     @classmethod
     async def from_http_request(cls, request: Request, serde: Any) -> Any:
-        media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        # Spelled exactly as BentoML tests it (case and all), so that this is a pickled
+        # call just when BentoML chose its pickle serde for it, which its main server
+        # refuses before this runs (415): only a service of the same Bento, on BentoML's
+        # internal port, is unpickled. Any other spelling is read by service.uploads.
+        media_type = request.headers.get("content-type", "").split(";", 1)[0].strip()
         if media_type == PICKLE:
             return await super().from_http_request(request, serde)
         return cls.model_construct(**dict.fromkeys(cls.model_fields))

@@ -20,6 +20,7 @@ import psutil
 import pytest
 
 from lantern.core.images import decode_image
+from service import native
 from service.classifier import softmax
 from tests.conftest import TINY_CLASSES
 from tests.service_fixtures import (
@@ -372,3 +373,145 @@ def test_keep_alive_seconds_sets_how_long_an_idle_connection_stays_open(
             assert 1.5 < waited < 4.5, f"closed after {waited:.1f} s, keep-alive 2 s"
     finally:
         stop_server(server)
+
+
+# --- an endless upload -----------------------------------------------------------------
+# service/uploads.py: "The body is read in chunks and refused as soon as it passes its
+# byte limit, so an oversized upload never sits in memory whole." Proved with a client
+# that never stops: a chunked body (no Content-Length to refuse up front) sent until the
+# server answers, for at most ENDLESS_CAP bytes.
+
+ENDLESS_CAP = 256 * 1024 * 1024
+CHUNK = b"\xff" * (256 * 1024)
+BOUNDARY = "lantern-endless"
+
+
+def _send_until_answered(
+    server: Server, path: str, content_type: str, preamble: bytes
+) -> tuple[int, int, bytes]:
+    """(status, bytes of body sent, answer body) for an endless chunked upload to `path`."""
+
+    def chunk(data: bytes) -> bytes:
+        return f"{len(data):x}\r\n".encode() + data + b"\r\n"
+
+    sent = 0
+    with connect(server) as sock:
+        sock.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: lantern\r\nContent-Type: {content_type}\r\n"
+            "Transfer-Encoding: chunked\r\n\r\n".encode()
+        )
+        sock.sendall(chunk(preamble))
+        sent += len(preamble)
+        answered = False
+        while sent < ENDLESS_CAP:
+            readable, _, _ = select.select([sock], [], [], 0)
+            if readable:
+                answered = True
+                break
+            try:
+                sock.sendall(chunk(CHUNK))
+            except (BrokenPipeError, ConnectionResetError):
+                answered = True  # it answered and hung up while we were still sending
+                break
+            sent += len(CHUNK)
+        assert answered, f"no answer after {sent / 2**20:.0f} MiB: the server read it all"
+        data = b""
+        try:
+            while b"\r\n\r\n" not in data or len(data) < data.index(b"\r\n\r\n") + 4 + 50:
+                more = sock.recv(65536)
+                if not more:
+                    break
+                data += more
+        except ConnectionResetError:
+            pass
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head, f"the server hung up without an answer after {sent} bytes"
+    return int(head.split()[1]), sent, body
+
+
+def _worker_rss(server: Server) -> int:
+    root = psutil.Process(server.process.pid)
+    return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+
+
+@pytest.mark.parametrize(
+    ("path", "kind", "limit"),
+    [
+        ("/predict", "raw", SERVER_MAX_UPLOAD_BYTES),
+        ("/predict", "multipart", SERVER_MAX_UPLOAD_BYTES),
+        ("/explain", "multipart", SERVER_MAX_BATCH_BYTES),
+    ],
+)
+def test_an_endless_upload_is_refused_near_its_limit_without_being_held(
+    lantern_server: Server, path: str, kind: str, limit: int
+) -> None:
+    field = "image" if path == "/predict" else "images"
+    if kind == "raw":
+        content_type, preamble = "image/jpeg", b"\xff\xd8"
+    else:
+        content_type = f"multipart/form-data; boundary={BOUNDARY}"
+        preamble = (
+            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{field}"; '
+            'filename="endless.jpg"\r\nContent-Type: image/jpeg\r\n\r\n'
+        ).encode()
+    before = _worker_rss(lantern_server)
+    status, sent, body = _send_until_answered(lantern_server, path, content_type, preamble)
+    grew = _worker_rss(lantern_server) - before
+    assert status == 413, body[:300]
+    # Answered once the limit was passed, give or take what the sockets' buffers hold
+    # (several MiB on loopback), and the server did not keep what it read.
+    assert sent < limit + 32 * 2**20, f"{sent / 2**20:.0f} MiB sent before the 413"
+    assert grew < 64 * 2**20, f"the server's processes grew by {grew / 2**20:.0f} MiB"
+    with httpx.Client(base_url=lantern_server.url, timeout=30) as client:
+        ok = client.post("/predict", files={"image": ("ok.jpg", jpeg((64, 64)))})
+        assert ok.status_code == 200, ok.text
+
+
+# --- a pickle sent to the BentoML-native door ------------------------------------------
+
+
+class _Exploit:
+    """Unpickling this runs a shell command that creates `marker`: proof of execution."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "application/vnd.bentoml+pickle",
+        "application/vnd.bentoml+pickle; charset=utf-8",
+        "Application/VND.BentoML+Pickle",
+    ],
+)
+def test_whoever_can_reach_the_api_cannot_make_it_unpickle(
+    lantern_server: Server, tmp_path: Path, content_type: str
+) -> None:
+    """BentoML's service-to-service format is pickle (service.native). Sent by an HTTP
+    client to any /v1 method, in any spelling of its media type, it is refused with a
+    4xx and a readable error, and nothing in it runs."""
+    import pickle
+
+    for route in native.ROUTES.values():
+        marker = tmp_path / f"ran{route.replace('/', '-')}"
+        exploit = _Exploit(marker)
+        body = pickle.dumps({"image": exploit, "images": [exploit], "job_id": exploit})
+        r = httpx.post(
+            lantern_server.url + route,
+            content=body,
+            headers={"Content-Type": content_type},
+            timeout=30,
+        )
+        assert r.status_code in (400, 415), (route, r.status_code, r.text[:300])
+        error = r.json()
+        error = error[0] if isinstance(error, list) else error  # BentoML's own 415 body
+        assert isinstance(error.get("error"), str) and error["error"], (route, r.text[:300])
+        if content_type.islower():  # BentoML's refusal, before Lantern sees the request
+            assert r.status_code == 415 and "not allowed" in error["error"], r.text[:300]
+        else:  # not BentoML's format: Lantern reads it, and says what it wants instead
+            assert set(error) == {"error"}, r.text[:300]
+        assert not marker.exists(), f"{route} unpickled the body ({content_type})"
