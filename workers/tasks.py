@@ -88,6 +88,15 @@ def explain(payload: dict[str, Any], job_id: str | None = None) -> dict[str, Any
         # A configured limit, not a bug: RQ retries or fails the job, and its status says
         # which limit and setting (lantern.core.jobs._readable_error).
         raise
+    except OSError as e:
+        # The disk, not the code (a full or read-only artifact volume, a file where a
+        # directory should be): said so, and retried, since space may come back.
+        message = (
+            f"a file could not be written or read ({type(e).__name__}: {e}); check the "
+            "artifact store (LANTERN_ARTIFACT_DIR: free space, permissions)"
+        )
+        _record_failure(job, context, message, permanent=False)
+        raise
     except Exception as e:
         message = f"internal error ({type(e).__name__}: {e})"
         _record_failure(job, context, message, permanent=False)

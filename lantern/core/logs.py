@@ -148,15 +148,19 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+_TRACEBACK = "\nTraceback (most recent call last):"
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, process, and the ids."""
 
     def format(self, record: logging.LogRecord) -> str:
+        message = _ANSI.sub("", record.getMessage())
         entry: dict[str, Any] = {
             "time": _time(record),
             "level": record.levelname,
             "logger": record.name,
-            "message": _ANSI.sub("", record.getMessage()),
+            "message": message,
             "process": record.process,
             **_ids(record),
         }
@@ -164,6 +168,12 @@ class JsonFormatter(logging.Formatter):
             entry["exception"] = self.formatException(record.exc_info)
         elif record.stack_info:
             entry["stack"] = self.formatStack(record.stack_info)
+        else:
+            # RQ writes a failed job's traceback into its message, not as exc_info: it
+            # goes where a log search looks for tracebacks, the message keeps one line.
+            head, marker, tail = message.partition(_TRACEBACK)
+            if marker:
+                entry["message"], entry["exception"] = head, marker.lstrip("\n") + tail
         return json.dumps(entry, ensure_ascii=False, default=str)
 
 
