@@ -350,7 +350,19 @@ class ExplainWorker(SimpleWorker):
     def _elapsed(self) -> float:
         return time.monotonic() - getattr(self, "_job_started", time.monotonic())
 
+    @property
+    def key_ttl(self) -> int:
+        """Lifetime of the worker's own Redis key, renewed at every heartbeat: three of
+        its longest gaps between renewals (a job's heartbeat, or an idle dequeue wait).
+
+        RQ's own (worker_ttl + 60, 480 s idle; heartbeat + 60 busy) kept a SIGKILLed
+        worker counted live (/status `workers`, lantern_explain_workers) for 8 minutes.
+        """
+        gap = max(int(self.job_monitoring_interval), self.dequeue_timeout)
+        return HEARTBEATS_BEFORE_ABANDONED * gap
+
     def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
+        timeout = self.key_ttl  # RQ asks for its own lifetimes, busy or idle
         if pipeline is not None:
             super().heartbeat(timeout, pipeline)
             return
