@@ -5,6 +5,7 @@ process of the server runs with its malloc settings, and none ever loads torch."
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import select
@@ -416,8 +417,14 @@ def _send_until_answered(
             sent += len(CHUNK)
         assert answered, f"no answer after {sent / 2**20:.0f} MiB: the server read it all"
         data = b""
+
+        def complete() -> bool:  # the head and as much body as it announces
+            head, sep, rest = data.partition(b"\r\n\r\n")
+            length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+            return bool(sep) and length is not None and len(rest) >= int(length.group(1))
+
         try:
-            while b"\r\n\r\n" not in data or len(data) < data.index(b"\r\n\r\n") + 4 + 50:
+            while not complete():
                 more = sock.recv(65536)
                 if not more:
                     break
@@ -440,12 +447,16 @@ def _worker_rss(server: Server) -> int:
         ("/predict", "raw", SERVER_MAX_UPLOAD_BYTES),
         ("/predict", "multipart", SERVER_MAX_UPLOAD_BYTES),
         ("/explain", "multipart", SERVER_MAX_BATCH_BYTES),
+        # The BentoML-native door, which reads requests with the same code and limits.
+        ("/v1/predict", "multipart", SERVER_MAX_UPLOAD_BYTES),
+        ("/v1/predict_batch", "multipart", SERVER_MAX_BATCH_BYTES),
+        ("/v1/explain", "multipart", SERVER_MAX_BATCH_BYTES),
     ],
 )
 def test_an_endless_upload_is_refused_near_its_limit_without_being_held(
     lantern_server: Server, path: str, kind: str, limit: int
 ) -> None:
-    field = "image" if path == "/predict" else "images"
+    field = "image" if path.endswith("/predict") else "images"
     if kind == "raw":
         content_type, preamble = "image/jpeg", b"\xff\xd8"
     else:
@@ -458,6 +469,7 @@ def test_an_endless_upload_is_refused_near_its_limit_without_being_held(
     status, sent, body = _send_until_answered(lantern_server, path, content_type, preamble)
     grew = _worker_rss(lantern_server) - before
     assert status == 413, body[:300]
+    assert set(json.loads(body)) == {"error"} and "bytes" in json.loads(body)["error"], body[:300]
     # Answered once the limit was passed, give or take what the sockets' buffers hold
     # (several MiB on loopback), and the server did not keep what it read.
     assert sent < limit + 32 * 2**20, f"{sent / 2**20:.0f} MiB sent before the 413"
