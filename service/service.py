@@ -84,7 +84,35 @@ def _adopt_logging() -> None:
         configure_logging(level=logging.INFO, root_level=logging.WARNING)
 
 
+def _stop_with_the_arbiter() -> None:
+    """In a BentoML server worker: stop when the `bentoml serve` process that started it dies.
+
+    BentoML starts its workers in sessions of their own, each holding the listening
+    socket. An arbiter killed outright (SIGKILL: the OOM killer, a supervisor's last
+    resort) left its worker running and serving on the port, adopted by init, so the
+    restarted server could not bind it and `lantern up` restarted the API in a loop
+    ("Address already in use") until it gave up. Linux's parent-death signal sends the
+    worker SIGTERM, its ordinary graceful stop, instead. The arbiter spawns its workers
+    from its main thread, which lives as long as it does.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    main = sys.modules.get("__main__")
+    if getattr(getattr(main, "__spec__", None), "name", "") != "_bentoml_impl.worker.service":
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1  # <linux/prctl.h>
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0) != 0:
+        log.warning(
+            "could not ask to be stopped with the server (prctl: errno %d)", ctypes.get_errno()
+        )
+
+
 _adopt_logging()
+_stop_with_the_arbiter()
 
 # BentoML's per-request timeout timer otherwise keeps every request alive for 300 s.
 patch_timeout_middleware()

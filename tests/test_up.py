@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import TINY_CLASSES, free_port
+from tests.conftest import TINY_CLASSES, free_port, start_redis
 from tests.worker_fixtures import shape_png
 
 pytestmark = pytest.mark.integration
@@ -343,3 +343,49 @@ def test_ctrl_c_mid_job_stops_the_api_then_the_workers_which_finish_it_then_redi
         assert again.wait(timeout=90) == 0
     finally:
         _kill_everything(again)
+
+
+def test_up_uses_a_given_redis_and_restarts_an_api_killed_outright(
+    tiny_bundle, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """README: with REDIS_URL set "that Redis is used as given" (no Redis of its own), and
+    "a worker, the API or Redis that exits is started again". The API is killed with
+    SIGKILL, as the OOM killer would: its server worker (which BentoML starts in a session
+    of its own, holding the port) must stop with it, or every restart fails to bind."""
+    import redis
+
+    given = start_redis(tmp_path / "given-redis")
+    port = free_port()
+    up = _start_up(
+        tmp_path, {**_up_env(tiny_bundle.tag), "REDIS_URL": given.url}, "--port", str(port)
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_log(tmp_path, "Lantern is up.", 180)
+        assert _pids_of(up.pid, "redis-server") == [] and not (tmp_path / "var" / "redis").exists()
+        job = _explain_and_wait(url, shape_png(1))
+        assert redis.Redis.from_url(given.url).exists(f"rq:job:{job['job_id']}")
+
+        api = _pid_of(up.pid, "-m bentoml serve")
+        server_workers = _pids_of(api, "_bentoml_impl.worker")
+        assert server_workers, "no server worker under the API"
+        mark = _log_size(tmp_path)
+        os.kill(api, signal.SIGKILL)
+        _wait_log(tmp_path, "api exited with status -9; restarting", 15, mark)
+        _wait_log(tmp_path, "api restarted", 30, mark)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if _predicts(url):
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, (tmp_path / "up.log").read_text()[mark:][-3000:]
+            time.sleep(0.5)
+        assert not [pid for pid in server_workers if _alive(pid)], "the old server worker lives on"
+        text = (tmp_path / "up.log").read_text(errors="replace")[mark:]
+        assert "Address already in use" not in text and "keeps crashing" not in text, text[-3000:]
+        assert _pid_of(up.pid, "-m bentoml serve") != api
+    finally:
+        _kill_everything(up)
+        given.stop()
