@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -177,3 +178,29 @@ def test_ensure_refuses_a_missing_version_or_alias_instead_of_training_a_first_m
     )  # fmt: skip
     assert ready.returncode == 0 and f"model {newest.tag} is ready" in ready.stdout, ready.stderr
     assert {b.tag for b in list_bundles(NAME)} == before
+
+
+def test_a_worker_keeps_the_two_most_recently_used_versions_and_reloads_an_evicted_one(
+    versions: list[Bundle], tiny_bundle: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """workers/model_cache: any client can name any stored version (`model=`), so a
+    worker must not keep them all: it holds MODEL_CACHE_SIZE (2), the least recently used
+    goes, and asking for it again loads it again."""
+    import torch
+
+    from workers.model_cache import MODEL_CACHE_SIZE, ModelCache
+
+    assert MODEL_CACHE_SIZE == 2
+    a, b, c = versions[0].tag, versions[1].tag, tiny_bundle.tag
+    cache = ModelCache(torch.device("cpu"))
+    with caplog.at_level("INFO", logger="workers.model_cache"):
+        first_a, first_b = cache.get(a), cache.get(b)
+        assert cache.get(a) is first_a  # a hit, and now the most recently used
+        cache.get(c)  # evicts b, the least recently used
+        assert cache.get(a) is first_a
+        again_b = cache.get(b)  # loaded again (and evicts c)
+    assert again_b is not first_b and again_b.bundle.tag == b
+    loads = [
+        r.getMessage().split()[1] for r in caplog.records if r.getMessage().startswith("loaded ")
+    ]
+    assert loads == [a, b, c, b], loads
