@@ -12,8 +12,8 @@ the process dies (SIGKILL, OOM killer, power), the entry lapses; within
 requeues the abandoned job while it has retries left, or fails it with
 AbandonedJobError. Maintenance also deletes artifacts older than `job_ttl_seconds`.
 
-SIGTERM or Ctrl+C: finish the current job, then stop (a second one stops at once; the
-job is then failed and retried).
+SIGTERM or Ctrl+C: finish the current job, then stop (a second one, more than a second
+later, stops at once: RQ ignores a repeat within a second; the job is then retried).
 
 Only Lantern's job runs: queues, registries and the worker use `LanternJob`
 (lantern.core.safe_job), so a job naming any other function, an instance or a callback is
