@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -240,3 +241,35 @@ def test_an_overloaded_model_answers_503_with_a_json_error(client: TestClient) -
         client.portal.call(lantern.batcher.aclose)  # type: ignore[union-attr]
         lantern.batcher = saved
     assert first["r"].status_code == 200, first["r"].text
+
+
+def test_every_error_answer_carries_a_request_id_too(client: TestClient) -> None:
+    """README: "X-Request-ID is on every response" — the errors included, which are
+    answered by different layers (routing, upload limits, validation, decoding, BentoML's
+    own refusal on the /v1 door), all inside the request-id middleware."""
+    big = b"\xff\xd8" + b"\0" * 300_000  # past this app's 200 kB upload limit
+    answers = {
+        "unknown route": client.get("/no/such/route"),
+        "upload too large": client.post("/predict", files={"image": ("a.jpg", big)}),
+        "unsupported type": client.post(
+            "/predict", content=b"x", headers={"Content-Type": "text/plain"}
+        ),
+        "bad parameter": client.post("/predict?top_k=0", files={"image": ("a.jpg", jpeg())}),
+        "not an image": client.post("/predict", files={"image": ("a.jpg", b"not an image")}),
+        "unknown job": client.get("/jobs/not-a-job-id"),
+        "bentoml's refusal": client.post(
+            "/v1/predict", content=b"x", headers={"Content-Type": "application/vnd.bentoml+pickle"}
+        ),
+    }
+    for what, response in answers.items():
+        assert response.status_code >= 400, (what, response.status_code)
+        assert re.fullmatch(
+            r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}", response.headers.get("x-request-id", "")
+        ), (
+            what,
+            dict(response.headers),
+        )
+    sent = client.post(
+        "/predict", files={"image": ("a.jpg", b"nope")}, headers={"X-Request-ID": "mine-1"}
+    )
+    assert sent.status_code >= 400 and sent.headers["x-request-id"] == "mine-1"
