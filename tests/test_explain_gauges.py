@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
+from lantern.client import JobError, LanternClient
 from tests.conftest import start_redis
 from tests.service_fixtures import start_server, stop_server
 from tests.worker_fixtures import shape_png, start_worker, wait_for, worker_env
@@ -67,6 +68,16 @@ def test_the_queue_job_and_worker_gauges_follow_real_jobs_and_a_killed_worker(
         assert waiting['lantern_explain_jobs{status="started"}'] == 0
         assert waiting["lantern_explain_workers"] == 0
         same_on_status(url, waiting)
+        # lantern.client's wait(timeout=...) gives up on a job nobody runs, and says why.
+        seen: list[str] = []
+        with LanternClient(url) as client, pytest.raises(JobError) as gave_up:
+            client.wait(
+                first.json()["job_id"], timeout=1.5, on_progress=lambda s: seen.append(s["status"])
+            )
+        assert "still queued after 2 s" in str(gave_up.value) and "lantern worker" in str(
+            gave_up.value
+        )
+        assert first.json()["job_id"] in str(gave_up.value) and seen and set(seen) == {"queued"}
 
         worker = start_worker(env, tmp_path / "worker.log")
         worker_processes.append(worker)
