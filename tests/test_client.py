@@ -319,6 +319,30 @@ def test_predict_writes_a_csv_isolates_the_bad_file_and_resumes(  # type: ignore
     assert "(12 from an earlier run)" in again.stdout
     assert read_csv(tmp_path / "preds/predictions.csv") == rows
 
+    # An image whose bytes changed since its row was written is sent again, and its row
+    # replaced: the README's "images whose CSV row matches their bytes are not sent again".
+    changed = Path(good[0]["path"])
+    original = changed.read_bytes()
+    try:
+        changed.write_bytes(shape_png(7, size=96))
+        before = posts(stack, "/predict_batch")
+        third = lantern("predict", str(many), "--url", stack.url, "--out", "preds", cwd=tmp_path)
+        assert third.returncode == 1, third.stderr
+        # The changed image and the bad file together (refused), then one by one.
+        assert posts(stack, "/predict_batch") - before == 1 + 2
+        assert "(11 from an earlier run)" in third.stdout
+        updated = {r["path"]: r for r in read_csv(tmp_path / "preds/predictions.csv")}
+        with LanternClient(stack.url) as client:
+            (answer,) = client.predict_batch([("x.png", changed.read_bytes())])
+        row = updated[str(changed)]
+        assert row["status"] == "ok" and row["label"] == answer["label"]
+        assert float(row["probability"]) == pytest.approx(answer["probability"], abs=1e-6)
+        assert {p: r for p, r in updated.items() if p != str(changed)} == {
+            r["path"]: r for r in rows if r["path"] != str(changed)
+        }
+    finally:
+        changed.write_bytes(original)
+
 
 def test_predict_without_out_prints_a_table_of_the_answers_and_writes_nothing(  # type: ignore[no-untyped-def]
     stack: Stack,  # noqa: F811
