@@ -37,9 +37,8 @@ def _lantern(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.fixture(scope="module")
-def versions(tmp_path_factory: pytest.TempPathFactory) -> list[Bundle]:
-    """Two versions of NAME, oldest first."""
+def _make_version(directory: Path, seed: int, name: str = NAME) -> Bundle:
+    """A registered version of `name`: a tiny random model (seeded), exported."""
     import torch
 
     from lantern.core.preprocess import PreprocessSpec
@@ -47,21 +46,25 @@ def versions(tmp_path_factory: pytest.TempPathFactory) -> list[Bundle]:
     from models.export import export_checkpoint
     from models.network import build_model
 
-    made = []
-    for seed in (1, 2):
-        torch.manual_seed(seed)
-        model = build_model(TINY_ARCH, len(TINY_CLASSES), weights="none")
-        ckpt = save_checkpoint(
-            tmp_path_factory.mktemp("lifecycle") / "best.pt",
-            model,
-            architecture=TINY_ARCH,
-            class_names=TINY_CLASSES,
-            spec=PreprocessSpec(crop_size=TINY_SIZE, resize_size=TINY_SIZE),
-            training={"mode": "all", "dataset": "shapes", "epochs": 0},
-            metrics={"accuracy": 0.25},
-        )
-        made.append(export_checkpoint(ckpt, name=NAME))
-    return made
+    torch.manual_seed(seed)
+    model = build_model(TINY_ARCH, len(TINY_CLASSES), weights="none")
+    ckpt = save_checkpoint(
+        directory / "best.pt",
+        model,
+        architecture=TINY_ARCH,
+        class_names=TINY_CLASSES,
+        spec=PreprocessSpec(crop_size=TINY_SIZE, resize_size=TINY_SIZE),
+        training={"mode": "all", "dataset": "shapes", "epochs": 0},
+        metrics={"accuracy": 0.25},
+    )
+    return export_checkpoint(ckpt, name=name)
+
+
+@pytest.fixture(scope="module")
+def versions(tmp_path_factory: pytest.TempPathFactory) -> list[Bundle]:
+    """Two versions of NAME, oldest first (test_promote_roll_back_and_delete deletes the
+    oldest)."""
+    return [_make_version(tmp_path_factory.mktemp("lifecycle"), seed) for seed in (1, 2)]
 
 
 def test_production_follows_latest_until_a_version_is_promoted(versions: list[Bundle]) -> None:
@@ -181,7 +184,7 @@ def test_ensure_refuses_a_missing_version_or_alias_instead_of_training_a_first_m
 
 
 def test_a_worker_keeps_the_two_most_recently_used_versions_and_reloads_an_evicted_one(
-    versions: list[Bundle], tiny_bundle: Any, caplog: pytest.LogCaptureFixture
+    versions: list[Bundle], tiny_bundle: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """workers/model_cache: any client can name any stored version (`model=`), so a
     worker must not keep them all: it holds MODEL_CACHE_SIZE (2), the least recently used
@@ -191,7 +194,9 @@ def test_a_worker_keeps_the_two_most_recently_used_versions_and_reloads_an_evict
     from workers.model_cache import MODEL_CACHE_SIZE, ModelCache
 
     assert MODEL_CACHE_SIZE == 2
-    a, b, c = versions[0].tag, versions[1].tag, tiny_bundle.tag
+    # Three versions that no other test deletes (the oldest of `versions` may be gone).
+    third = _make_version(tmp_path, 3, name="cache-test")
+    a, b, c = versions[-1].tag, tiny_bundle.tag, third.tag
     cache = ModelCache(torch.device("cpu"))
     with caplog.at_level("INFO", logger="workers.model_cache"):
         first_a, first_b = cache.get(a), cache.get(b)
