@@ -77,7 +77,7 @@ def _change(args: argparse.Namespace) -> int:
 
 
 def _ensure(name: str) -> int:
-    from lantern.core.bundle import load_bundle
+    from lantern.core.bundle import load_bundle, stored_models
     from lantern.core.errors import ModelError
     from lantern.core.settings import get_settings
 
@@ -89,7 +89,7 @@ def _ensure(name: str) -> int:
     except ModelError as e:
         if tag.split(":")[0] != name:
             raise
-        stored = _stored_versions(name)
+        stored = len(stored_models(name))
         if stored:
             # A first model only for an empty store. Here LANTERN_MODEL names a version or
             # alias that is not there (a typo, an alias never promoted): training would
@@ -104,14 +104,3 @@ def _ensure(name: str) -> int:
     bundle = make_first_model()
     print(f"registered {bundle.tag}")
     return 0
-
-
-def _stored_versions(name: str) -> int:
-    """How many versions of `name` the model store holds, readable bundles or not."""
-    import bentoml
-    from bentoml.exceptions import NotFound
-
-    try:
-        return len(bentoml.models.list(name))
-    except NotFound:
-        return 0

@@ -236,16 +236,20 @@ def load_bundle(tag: str = f"{MODEL_NAME}:latest") -> Bundle:
     return Bundle(tag=str(model.tag), path=path, meta=json.loads(meta_file.read_text()))
 
 
-def list_bundles(name: str = MODEL_NAME) -> list[Bundle]:
-    """Every version of `name`, newest first."""
+def stored_models(name: str = MODEL_NAME) -> list[Any]:
+    """Every version of `name` in the BentoML model store, readable bundles or not."""
     import bentoml
     from bentoml.exceptions import NotFound
 
     try:
-        models = bentoml.models.list(name)
+        return list(bentoml.models.list(name))
     except NotFound:
         return []
-    models = sorted(models, key=lambda m: m.info.creation_time, reverse=True)
+
+
+def list_bundles(name: str = MODEL_NAME) -> list[Bundle]:
+    """Every version of `name`, newest first."""
+    models = sorted(stored_models(name), key=lambda m: m.info.creation_time, reverse=True)
     return [load_bundle(str(m.tag)) for m in models]
 
 
