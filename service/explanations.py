@@ -8,10 +8,10 @@ Torch-free: the work itself happens in the workers; this side speaks the contrac
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import redis
@@ -46,6 +46,8 @@ from lantern.core.jobs import (
 )
 from lantern.core.settings import Settings
 from lantern.core.store import check_file_name, open_store
+
+T = TypeVar("T")
 
 CONTENT_TYPES = {".png": "image/png", ".npy": "application/octet-stream"}
 # A Redis command takes well under a millisecond; this long is an outage, not load (an
@@ -226,6 +228,10 @@ class Explanations:
         # Threads of its own for the calls that wait on Redis or the artifact store, so
         # that a hung Redis holds these, not anyio's shared pool (/status, BentoML).
         self.threads = anyio.CapacityLimiter(THREADS)
+
+    async def in_thread(self, func: Callable[..., T], *args: Any) -> T:
+        """`func(*args)` (one of the methods below) awaited on this side's own threads."""
+        return await anyio.to_thread.run_sync(func, *args, limiter=self.threads)
 
     def submit(
         self,

@@ -117,16 +117,12 @@ async def submit_explanation(
     as /predict decodes it, so a bad request is a 4xx now, not a failed job later.
     """
     explanations = lantern.explanations
-    bundle = await anyio.to_thread.run_sync(
-        explanations.resolve_model, params.get("model"), limiter=explanations.threads
-    )
+    bundle = await explanations.in_thread(explanations.resolve_model, params.get("model"))
     options: ExplainOptions = parse_options(params, len(uploads), bundle.class_names, bundle)
     await anyio.to_thread.run_sync(lambda: [lantern.decode(u) for u in uploads])
     images = [(u.filename, u.data) for u in uploads]
     request_id = current_request_id()  # set by service.gateway.RequestIdMiddleware
-    status, created = await anyio.to_thread.run_sync(
-        explanations.submit, images, options, request_id, limiter=explanations.threads
-    )
+    status, created = await explanations.in_thread(explanations.submit, images, options, request_id)
     job_id = status["job_id"]
     if created:
         log.info("queued job %s: %d image(s)", job_id, len(images), extra={"job_id": job_id})
@@ -138,8 +134,7 @@ async def submit_explanation(
 
 async def job_status(lantern: PredictionService, job_id: str) -> dict[str, Any]:
     """GET /jobs/{job_id}: status, progress, readable error, manifest with artifact URLs."""
-    explanations = lantern.explanations
-    return await anyio.to_thread.run_sync(explanations.status, job_id, limiter=explanations.threads)
+    return await lantern.explanations.in_thread(lantern.explanations.status, job_id)
 
 
 def check_top_k(value: object) -> int:

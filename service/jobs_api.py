@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import anyio
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 
@@ -149,9 +148,7 @@ async def job(job_id: str, lantern: CurrentService) -> dict[str, Any]:
 )
 async def artifact(job_id: str, name: str, lantern: CurrentService) -> Response:
     explanations = lantern.explanations
-    data, content_type = await anyio.to_thread.run_sync(
-        explanations.artifact, job_id, name, limiter=explanations.threads
-    )
+    data, content_type = await explanations.in_thread(explanations.artifact, job_id, name)
     return Response(
         data,
         media_type=content_type,
