@@ -11,8 +11,9 @@ import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -45,6 +46,33 @@ class RedisServer:
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.terminate()
+            self.process.wait(timeout=10)
+
+
+@dataclass
+class PersistentRedis:
+    """A password-protected redis-server with an append-only file (as `lantern up` runs
+    it) that a test can kill and start again on the same port and data."""
+
+    data: Path
+    password: str
+    appendfsync: str = "everysec"
+    port: int = field(default_factory=lambda: free_port())
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = lantern_redis.start_redis(
+            self.port, self.data, persist=True, password=self.password, appendfsync=self.appendfsync
+        )
+
+    def kill(self) -> None:
+        """SIGKILL it, if it runs: an outage, or a test's cleanup."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
             self.process.wait(timeout=10)
 
 
@@ -85,9 +113,16 @@ def worker_processes() -> Iterator[list[subprocess.Popen[bytes]]]:
     stop_processes(procs)
 
 
-@pytest.fixture(scope="session")
-def tiny_bundle(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    """A registered ResNet-18 (random weights, 4 shape classes, 64 px) in the session store."""
+def register_tiny(
+    directory: Path,
+    model: Any = None,
+    *,
+    seed: int = 0,
+    name: str = "lantern-classifier",
+    accuracy: float = 0.25,
+) -> Any:
+    """Register `model` (default: a ResNet-18 with random weights from `seed`) for the 4
+    shape classes at 64 px as a new version of `name`; its bundle."""
     import torch
 
     from lantern.core.preprocess import PreprocessSpec
@@ -95,16 +130,22 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-un
     from models.export import export_checkpoint
     from models.network import build_model
 
-    torch.manual_seed(0)
-    model = build_model(TINY_ARCH, len(TINY_CLASSES), weights="none")
-    spec = PreprocessSpec(crop_size=TINY_SIZE, resize_size=TINY_SIZE)
+    if model is None:
+        torch.manual_seed(seed)
+        model = build_model(TINY_ARCH, len(TINY_CLASSES), weights="none")
     ckpt = save_checkpoint(
-        tmp_path_factory.mktemp("ckpt") / "best.pt",
+        directory / "best.pt",
         model,
         architecture=TINY_ARCH,
         class_names=TINY_CLASSES,
-        spec=spec,
+        spec=PreprocessSpec(crop_size=TINY_SIZE, resize_size=TINY_SIZE),
         training={"mode": "all", "dataset": "shapes", "epochs": 0},
-        metrics={"accuracy": 0.25},
+        metrics={"accuracy": accuracy},
     )
-    return export_checkpoint(ckpt)
+    return export_checkpoint(ckpt, name=name)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """A registered ResNet-18 (random weights, 4 shape classes, 64 px) in the session store."""
+    return register_tiny(tmp_path_factory.mktemp("ckpt"))

@@ -174,3 +174,18 @@ def stop_server(server: Server) -> None:
         except subprocess.TimeoutExpired:
             server.process.kill()
             server.process.wait(timeout=10)
+
+
+def server_environments(server: Server) -> dict[int, dict[str, str]]:
+    """The environment of every process of a running `lantern serve` (the BentoML
+    arbiter and its workers), by pid, read from /proc."""
+    import psutil
+
+    root = psutil.Process(server.process.pid)
+    environments = {}
+    for process in [root, *root.children(recursive=True)]:
+        raw = Path(f"/proc/{process.pid}/environ").read_bytes().split(b"\0")
+        environments[process.pid] = dict(
+            item.decode().split("=", 1) for item in raw if b"=" in item
+        )
+    return environments

@@ -16,29 +16,11 @@ import httpx
 import pytest
 
 from lantern.core.jobs import make_job_id
-from tests.conftest import TINY_ARCH, TINY_CLASSES, TINY_SIZE
+from tests.conftest import TINY_ARCH, TINY_CLASSES, register_tiny
 from tests.stack_fixtures import Stack, stack  # noqa: F401  (fixture)
 from tests.worker_fixtures import shape_png
 
 pytestmark = pytest.mark.integration
-
-
-def register(model: Any, tmp: Path, accuracy: float) -> Any:
-    """Register `model` as a new version of the tiny model; its bundle."""
-    from lantern.core.preprocess import PreprocessSpec
-    from models.checkpoint import save_checkpoint
-    from models.export import export_checkpoint
-
-    ckpt = save_checkpoint(
-        tmp / "best.pt",
-        model,
-        architecture=TINY_ARCH,
-        class_names=TINY_CLASSES,
-        spec=PreprocessSpec(crop_size=TINY_SIZE, resize_size=TINY_SIZE),
-        training={"mode": "all", "dataset": "shapes", "epochs": 0},
-        metrics={"accuracy": accuracy},
-    )
-    return export_checkpoint(ckpt)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +31,7 @@ def second_bundle(tiny_bundle: Any, tmp_path_factory: pytest.TempPathFactory) ->
 
     torch.manual_seed(1)
     model = build_model(TINY_ARCH, len(TINY_CLASSES), weights="none")
-    bundle = register(model, tmp_path_factory.mktemp("second"), 0.3)
+    bundle = register_tiny(tmp_path_factory.mktemp("second"), model, accuracy=0.3)
     assert bundle.tag != tiny_bundle.tag
     return bundle
 
@@ -273,7 +255,7 @@ def detector_model() -> Any:
 
 @pytest.fixture(scope="module")
 def detector_bundle(tiny_bundle: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    return register(detector_model(), tmp_path_factory.mktemp("detector"), 1.0)
+    return register_tiny(tmp_path_factory.mktemp("detector"), detector_model(), accuracy=1.0)
 
 
 def _object_mass(saliency: Any, box: tuple[int, int, int, int]) -> float:

@@ -15,7 +15,7 @@ import pytest
 
 from lantern.core.jobs import JobStatus, find_or_enqueue, job_status
 from lantern.core.store import DirectoryStore
-from tests.worker_fixtures import settings_for, shape_png, start_worker, worker_env
+from tests.worker_fixtures import job_outcomes, settings_for, shape_png, start_worker, worker_env
 
 pytestmark = pytest.mark.integration
 
@@ -23,7 +23,6 @@ pytestmark = pytest.mark.integration
 def test_a_job_whose_files_cannot_be_written_is_retried_then_fails_saying_so(
     redis_server: Any, redis_conn: Any, tiny_bundle: Any, tmp_path: Path, worker_processes: list
 ) -> None:
-    from lantern.core.job_metrics import JOBS_KEY
 
     store_dir = tmp_path / "artifacts"
     settings = settings_for(redis_server.url, store_dir, job_retries=1)
@@ -50,7 +49,7 @@ def test_a_job_whose_files_cannot_be_written_is_retried_then_fails_saying_so(
     error = status["error"]
     assert "internal error" not in error, error
     assert broken_id in error and "LANTERN_ARTIFACT_DIR" in error, error
-    outcomes = {k.decode(): int(v) for k, v in redis_conn.hgetall(JOBS_KEY).items()}
+    outcomes = job_outcomes(redis_conn)
     assert outcomes == {"retried": 1, "failed": 1, "finished": 1}, outcomes
     assert redis_conn.hget(f"rq:job:{broken_id}", "retries_left") == b"0"
     fine = job_status(redis_conn, fine_id, store, settings)

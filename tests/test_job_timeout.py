@@ -19,7 +19,7 @@ import pytest
 
 from lantern.core.jobs import JobStatus, find_or_enqueue, job_status
 from lantern.core.store import DirectoryStore
-from tests.worker_fixtures import settings_for, shape_png, start_worker, worker_env
+from tests.worker_fixtures import job_outcomes, settings_for, shape_png, start_worker, worker_env
 
 pytestmark = pytest.mark.integration
 
@@ -66,8 +66,6 @@ def test_a_job_past_the_timeout_is_stopped_retried_then_failed_and_nothing_is_lo
     from rq.registry import FailedJobRegistry, StartedJobRegistry
     from rq.serializers import JSONSerializer
 
-    from lantern.core.job_metrics import JOBS_KEY
-
     store_dir = tmp_path / "artifacts"
     settings = settings_for(
         redis_server.url, store_dir, job_timeout_seconds=TIMEOUT_S, job_retries=1
@@ -89,7 +87,7 @@ def test_a_job_past_the_timeout_is_stopped_retried_then_failed_and_nothing_is_lo
     error = status["error"]
     assert error and "time" in error.lower() and str(TIMEOUT_S) in error, error
     # Retried once (job_retries=1), then failed: both attempts are counted, none finished.
-    outcomes = {k.decode(): int(v) for k, v in redis_conn.hgetall(JOBS_KEY).items()}
+    outcomes = job_outcomes(redis_conn)
     assert outcomes.get("retried") == 1 and outcomes.get("failed") == 1, outcomes
     assert redis_conn.hget(f"rq:job:{long_id}", "retries_left") == b"0"
     # Visible where RQ keeps failures, not held as running.

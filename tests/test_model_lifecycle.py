@@ -14,12 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
 import pytest
 
 from lantern.core.bundle import Bundle, aliases, list_bundles, load_bundle, resolve_alias
-from tests.conftest import TINY_ARCH, TINY_CLASSES, TINY_SIZE
-from tests.service_fixtures import start_server, stop_server
+from tests.conftest import register_tiny
+from tests.service_fixtures import server_environments, start_server, stop_server
 from tests.worker_fixtures import shape_png
 
 pytestmark = pytest.mark.integration
@@ -37,34 +36,13 @@ def _lantern(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def _make_version(directory: Path, seed: int, name: str = NAME) -> Bundle:
-    """A registered version of `name`: a tiny random model (seeded), exported."""
-    import torch
-
-    from lantern.core.preprocess import PreprocessSpec
-    from models.checkpoint import save_checkpoint
-    from models.export import export_checkpoint
-    from models.network import build_model
-
-    torch.manual_seed(seed)
-    model = build_model(TINY_ARCH, len(TINY_CLASSES), weights="none")
-    ckpt = save_checkpoint(
-        directory / "best.pt",
-        model,
-        architecture=TINY_ARCH,
-        class_names=TINY_CLASSES,
-        spec=PreprocessSpec(crop_size=TINY_SIZE, resize_size=TINY_SIZE),
-        training={"mode": "all", "dataset": "shapes", "epochs": 0},
-        metrics={"accuracy": 0.25},
-    )
-    return export_checkpoint(ckpt, name=name)
-
-
 @pytest.fixture(scope="module")
 def versions(tmp_path_factory: pytest.TempPathFactory) -> list[Bundle]:
     """Two versions of NAME, oldest first (test_promote_roll_back_and_delete deletes the
     oldest)."""
-    return [_make_version(tmp_path_factory.mktemp("lifecycle"), seed) for seed in (1, 2)]
+    return [
+        register_tiny(tmp_path_factory.mktemp("lifecycle"), seed=seed, name=NAME) for seed in (1, 2)
+    ]
 
 
 def test_production_follows_latest_until_a_version_is_promoted(versions: list[Bundle]) -> None:
@@ -92,16 +70,10 @@ def test_promote_roll_back_and_delete(versions: list[Bundle], tmp_path: Path) ->
         # Pinned once (README: "the API pins it once, so every server worker serves the
         # same one"): every process of the server was given the version, not the alias,
         # so a promotion while it runs changes nothing until it is restarted.
-        root = psutil.Process(server.process.pid)
-        processes = [root, *root.children(recursive=True)]
-        assert len(processes) >= 2  # the arbiter and a service worker
-        for process in processes:
-            raw = Path(f"/proc/{process.pid}/environ").read_bytes().split(b"\0")
-            environ = dict(item.decode().split("=", 1) for item in raw if b"=" in item)
-            assert environ["LANTERN_MODEL"] == old.tag, (
-                process.cmdline(),
-                environ["LANTERN_MODEL"],
-            )
+        environments = server_environments(server)
+        assert len(environments) >= 2  # the arbiter and a service worker
+        pinned = {pid: env["LANTERN_MODEL"] for pid, env in environments.items()}
+        assert set(pinned.values()) == {old.tag}, pinned
         assert _lantern("promote", new.version).returncode == 0
         answer = httpx.post(
             server.url + "/predict", files={"image": ("b.png", shape_png(2))}, timeout=30
@@ -195,7 +167,7 @@ def test_a_worker_keeps_the_two_most_recently_used_versions_and_reloads_an_evict
 
     assert MODEL_CACHE_SIZE == 2
     # Three versions that no other test deletes (the oldest of `versions` may be gone).
-    third = _make_version(tmp_path, 3, name="cache-test")
+    third = register_tiny(tmp_path, seed=3, name="cache-test")
     a, b, c = versions[-1].tag, tiny_bundle.tag, third.tag
     cache = ModelCache(torch.device("cpu"))
     with caplog.at_level("INFO", logger="workers.model_cache"):

@@ -17,7 +17,6 @@ and still take new work, and nothing may be left in StartedJobRegistry.
 
 from __future__ import annotations
 
-import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,11 +25,17 @@ from typing import Any
 import pytest
 import redis as redis_py
 
-from lantern import redis_server
 from lantern.core.jobs import JobStatus, find_or_enqueue, job_status
 from lantern.core.store import DirectoryStore
-from tests.conftest import free_port
-from tests.worker_fixtures import settings_for, shape_png, start_worker, wait_for, worker_env
+from tests.conftest import PersistentRedis
+from tests.worker_fixtures import (
+    job_outcomes,
+    settings_for,
+    shape_png,
+    start_worker,
+    wait_for,
+    worker_env,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -41,41 +46,19 @@ IMAGES = 32
 METHODS = ["gradcam", "saliency"]
 
 
-class RestartableRedis:
-    """A persistent redis-server that can be killed and started again on its port and data."""
-
-    def __init__(self, data: Path) -> None:
-        self.port = free_port()
-        self.data = data
-        self.url = f"redis://:{PASSWORD}@127.0.0.1:{self.port}/0"
-        self.start()
-
-    def start(self) -> None:
-        self.process = redis_server.start_redis(
-            self.port, self.data, persist=True, password=PASSWORD, appendfsync="always"
-        )
-
-    def kill(self) -> None:
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(timeout=30)
-
-
 @pytest.fixture
-def redis_instance(tmp_path: Path) -> Iterator[RestartableRedis]:
-    instance = RestartableRedis(tmp_path / "redis")
+def redis_instance(tmp_path: Path) -> Iterator[PersistentRedis]:
+    instance = PersistentRedis(tmp_path / "redis", PASSWORD, appendfsync="always")
+    instance.start()
     yield instance
-    if instance.process.poll() is None:
-        instance.process.kill()
-        instance.process.wait(timeout=10)
+    instance.kill()
 
 
 def test_a_job_whose_redis_stays_away_past_the_retry_window_is_retried_by_maintenance_and_finishes(
-    redis_instance: RestartableRedis, tiny_bundle: Any, tmp_path: Path, worker_processes: list
+    redis_instance: PersistentRedis, tiny_bundle: Any, tmp_path: Path, worker_processes: list
 ) -> None:
     from rq.registry import StartedJobRegistry
     from rq.serializers import JSONSerializer
-
-    from lantern.core.job_metrics import JOBS_KEY
 
     store_dir = tmp_path / "artifacts"
     settings = settings_for(
@@ -129,7 +112,7 @@ def test_a_job_whose_redis_stays_away_past_the_retry_window_is_retried_by_mainte
     heatmaps = [f for f in store.list_files(job_id) if f.endswith(".heatmap.png")]
     assert len(heatmaps) == IMAGES * len(METHODS), len(heatmaps)
     # It finished by maintenance's retry, not by the write that was given up on.
-    outcomes = {k.decode(): int(v) for k, v in connection.hgetall(JOBS_KEY).items()}
+    outcomes = job_outcomes(connection)
     assert outcomes.get("retried") == 1 and outcomes.get("finished") == 1, (outcomes, log[-3000:])
     assert connection.hget(f"rq:job:{job_id}", "retries_left") == b"1"
     started = StartedJobRegistry(settings.queue, connection=connection, serializer=JSONSerializer)

@@ -35,8 +35,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lantern import redis_server
-from tests.conftest import TINY_CLASSES, free_port
+from tests.conftest import TINY_CLASSES, PersistentRedis
 from tests.service_fixtures import Server, start_server, stop_server
 from tests.worker_fixtures import start_worker, stop_processes, worker_env
 
@@ -57,33 +56,16 @@ def noise_png(seed: int, size: int = 64) -> bytes:
 
 
 @dataclass
-class Redis:
-    port: int
-    data: Path
-    process: subprocess.Popen[bytes]
-
-    @property
-    def url(self) -> str:
-        return f"redis://:{PASSWORD}@127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.process = redis_server.start_redis(
-            self.port, self.data, persist=True, password=PASSWORD, appendfsync="everysec"
-        )
-
-
-@dataclass
 class System:
-    redis: Redis
+    redis: PersistentRedis
     workers: list[subprocess.Popen[bytes]]
     server: Server
 
 
 @pytest.fixture
 def system(tiny_bundle: Any, tmp_path: Path) -> Iterator[System]:
-    port = free_port()
-    data = tmp_path / "redis"
-    redis = Redis(port, data, redis_server.start_redis(port, data, password=PASSWORD))
+    redis = PersistentRedis(tmp_path / "redis", PASSWORD)
+    redis.start()
     env = worker_env(redis.url, tmp_path / "artifacts", tiny_bundle.tag)
     workers = [start_worker(env, tmp_path / f"worker-{n}.log") for n in range(2)]
     shared = {k: env[k] for k in ("REDIS_URL", "LANTERN_ARTIFACT_DIR", "LANTERN_QUEUE")}
@@ -97,8 +79,7 @@ def system(tiny_bundle: Any, tmp_path: Path) -> Iterator[System]:
     yield System(redis, workers, server)
     stop_server(server)
     stop_processes(workers)
-    if redis.process.poll() is None:
-        redis.process.kill()
+    redis.kill()
 
 
 @dataclass
@@ -170,6 +151,7 @@ def outage(system: System, sig: signal.Signals, seed0: int) -> dict[str, int]:
         assert time.monotonic() < deadline, "too slow to accept or run jobs"
         time.sleep(0.2)
     # The workers are busy with a backlog: now take Redis away, mid-run.
+    assert system.redis.process is not None
     system.redis.process.send_signal(sig)
     killed_at = time.monotonic()
     system.redis.process.wait(timeout=30)

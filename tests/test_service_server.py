@@ -36,6 +36,7 @@ from tests.service_fixtures import (
     jpeg,
     png,
     png_header_only,
+    server_environments,
     solid,
     start_server,
     stop_server,
@@ -231,14 +232,11 @@ def test_every_process_of_the_server_runs_with_the_malloc_settings(lantern_serve
     # `lantern serve` execs the server with, and reach the worker it forks.
     from lantern.commands.serve import MALLOC_ENV
 
-    root = psutil.Process(lantern_server.process.pid)
-    processes = [root, *root.children(recursive=True)]
-    assert len(processes) >= 2  # the arbiter and the service worker
-    for process in processes:
-        raw = Path(f"/proc/{process.pid}/environ").read_bytes().split(b"\0")
-        environ = dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+    environments = server_environments(lantern_server)
+    assert len(environments) >= 2  # the arbiter and the service worker
+    for pid, environ in environments.items():
         for name, value in MALLOC_ENV.items():
-            assert environ.get(name) == os.environ.get(name, value), (process.pid, name)
+            assert environ.get(name) == os.environ.get(name, value), (pid, name)
 
 
 def test_the_batch_size_and_thread_settings_reach_the_model(tiny_bundle, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

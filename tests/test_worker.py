@@ -19,6 +19,7 @@ from lantern.core.jobs import JOB_FUNCTION, JobStatus, find_or_enqueue, job_stat
 from lantern.core.store import DirectoryStore
 from tests.conftest import TINY_CLASSES, TINY_SIZE
 from tests.worker_fixtures import (
+    job_outcomes,
     settings_for,
     shape_png,
     start_worker,
@@ -245,13 +246,6 @@ def _start_long_job(
     return settings, store, job_id
 
 
-def outcomes(redis_conn: Any) -> dict[str, int]:
-    """The job outcome counters /metrics reports (lantern_explain_job_outcomes_total)."""
-    from lantern.core.job_metrics import JOBS_KEY
-
-    return {k.decode(): int(v) for k, v in redis_conn.hgetall(JOBS_KEY).items()}
-
-
 def _kill_worker_mid_job(
     redis_server: Any, redis_conn: Any, tiny_bundle: Any, tmp_path: Path, job_id: str,
     settings: Any, store: DirectoryStore, procs: list,
@@ -298,7 +292,7 @@ def test_a_job_whose_worker_is_killed_is_retried_by_another_worker(
     assert len(status["manifest"]["images"]) == 24
     assert redis_conn.hget(f"rq:job:{job_id}", "retries_left") == b"1"  # one retry spent
     # /metrics' job outcomes count the killed attempt as retried (it was not timed).
-    assert outcomes(redis_conn) == {"retried": 1, "finished": 1}
+    assert job_outcomes(redis_conn) == {"retried": 1, "finished": 1}
     # the second worker's maintenance released the dead worker's lease
     from rq.registry import StartedJobRegistry
 
@@ -320,4 +314,4 @@ def test_a_job_whose_worker_is_killed_without_retries_left_fails_visibly(
     assert status is not None and status["status"] == JobStatus.FAILED
     assert "worker running this job stopped" in status["error"]
     assert status["manifest"] is None
-    assert outcomes(redis_conn) == {"failed": 1}
+    assert job_outcomes(redis_conn) == {"failed": 1}

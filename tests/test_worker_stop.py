@@ -16,7 +16,14 @@ import pytest
 
 from lantern.core.jobs import JobStatus, find_or_enqueue, job_status
 from lantern.core.store import DirectoryStore
-from tests.worker_fixtures import settings_for, shape_png, start_worker, wait_for, worker_env
+from tests.worker_fixtures import (
+    job_outcomes,
+    settings_for,
+    shape_png,
+    start_worker,
+    wait_for,
+    worker_env,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -26,7 +33,6 @@ IMAGES = 64  # the most a job may carry: long enough on any CPU
 def test_a_second_sigterm_stops_a_busy_worker_at_once_and_its_job_is_retried(
     redis_server: Any, redis_conn: Any, tiny_bundle: Any, tmp_path: Path, worker_processes: list
 ) -> None:
-    from lantern.core.job_metrics import JOBS_KEY
 
     store_dir = tmp_path / "artifacts"
     settings = settings_for(redis_server.url, store_dir, job_retries=2)
@@ -72,5 +78,5 @@ def test_a_second_sigterm_stops_a_busy_worker_at_once_and_its_job_is_retried(
     assert final is not None and final["status"] == JobStatus.FINISHED, final
     assert len(final["manifest"]["images"]) == IMAGES
     assert redis_conn.hget(f"rq:job:{job_id}", "retries_left") == b"1"  # one retry spent
-    outcomes = {k.decode(): int(v) for k, v in redis_conn.hgetall(JOBS_KEY).items()}
+    outcomes = job_outcomes(redis_conn)
     assert outcomes == {"retried": 1, "finished": 1}, outcomes

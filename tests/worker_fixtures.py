@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
@@ -98,3 +99,10 @@ def stop_processes(procs: list[subprocess.Popen[bytes]]) -> None:
         if p.poll() is None:
             p.kill()
             p.wait(timeout=10)
+
+
+def job_outcomes(connection: Any) -> dict[str, int]:
+    """The job outcome counters /metrics reports (lantern_explain_job_outcomes_total)."""
+    from lantern.core.job_metrics import JOBS_KEY
+
+    return {k.decode(): int(v) for k, v in connection.hgetall(JOBS_KEY).items()}
